@@ -1,0 +1,31 @@
+# musiclora: `make demo` runs the main job end to end, `make test` runs the tests.
+# Both build .venv on a fresh machine first (scripts/setup.sh).
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.musiclora-installed
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.musiclora/torch_extensions
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test test-unit lint clean
+setup: $(STAMP)
+$(STAMP): pyproject.toml constraints/cpu.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/musiclora demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests ray_jobs serve bench examples
+
+clean:
+	rm -rf .musiclora/outputs .pytest_cache

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: system packages, then .venv with the CPU torch wheel and
+# every other dependency installed under constraints/cpu.txt (which pins torch==2.13.0+cpu, so
+# pip never pulls a multi-GB CUDA build). Idempotent; `make` calls it when .venv is missing/stale.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in dpkg-dev:dpkg-deb libsndfile1:libsndfile.so.1; do
+  name=${pkg%%:*}; probe=${pkg#*:}
+  if ! command -v "$probe" >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q "$probe"; then need_apt+=("$name"); fi
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+  else echo "setup: please install ${need_apt[*]} (apt-get)"; fi
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"musiclora needs Python 3.11, found {sys.version}"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -c constraints/cpu.txt -e '.[train,serve,dev]'
+.venv/bin/python -c 'import torch, ray, deepspeed, transformers, peft; print("setup ok: torch", torch.__version__, "ray", ray.__version__)'

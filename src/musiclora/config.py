@@ -1,0 +1,239 @@
+"""Configuration schemas (pydantic) and the YAML loader with `key=value` overrides.
+
+One schema per concern. A `TrainConfig` is what `ray_jobs/train.py` reads, what Ray Train's
+`train_loop_config` carries (as its dict) and what Tune's `param_space` addresses with the same
+dotted keys (`adapter.r`, `optim.lr`, ...). Validation happens here, on the driver, so a bad
+config fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FAMILIES = ("musicgen-melody", "audioldm")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which base model to adapt.
+
+    Attributes:
+        family: model family name, one of `FAMILIES`.
+        base: a hub id (e.g. `facebook/musicgen-melody`), a local `save_pretrained` folder, or an
+            fsspec URL of such a folder (copied locally first).
+        revision: hub revision, recorded in the adapter card.
+    """
+
+    family: str = "musicgen-melody"
+    base: str = "facebook/musicgen-melody"
+    revision: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; expected one of {list(FAMILIES)}")
+        return v
+
+
+class AdapterConfig(_Strict):
+    """LoRA hyper-parameters, named as in peft's `LoraConfig`.
+
+    Defaults are the seed study's (research/001): r 8, lora_alpha 16, lora_dropout 0.25.
+    `target_modules`, when given, overrides the preset's module list.
+    """
+
+    preset: str = "attn"
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class DataConfig(_Strict):
+    """Where the training shards are and how they are batched.
+
+    Attributes:
+        shards_url: folder URL holding `manifest.json` and the `.tar` shards (s3:// or file://).
+        batch_size: samples per worker per step.
+        loader_workers: torch DataLoader worker processes per Ray Train worker.
+        shuffle_buffer: samples held in the shuffle buffer (0 disables shuffling).
+        seed: base seed; the order is a function of (seed, epoch).
+    """
+
+    shards_url: str
+    batch_size: int = Field(2, gt=0)
+    loader_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(32, ge=0)
+    seed: int = 0
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up then cosine decay (the seed study's schedule, research/001)."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(100, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class DeepSpeedConfig(_Strict):
+    """The DeepSpeed ZeRO settings the trainer builds its `ds_config` from."""
+
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False
+
+
+class RunConfig(_Strict):
+    """Where and how the Ray Train run executes.
+
+    Attributes:
+        name: run name; re-running the same name under the same storage_path resumes it.
+        storage_path: URL where Ray Train keeps checkpoints and results (s3:// or file://).
+        adapters_url: URL prefix; the final adapter is published to `<adapters_url>/<name>/`.
+        num_workers: Ray Train workers (one DeepSpeed rank each).
+        use_gpu: one GPU per worker, nccl backend, when true; gloo on CPU otherwise.
+        cpus_per_worker: CPUs reserved per worker.
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between `ray.train.report` calls.
+    """
+
+    name: str = "musiclora-run"
+    storage_path: str
+    adapters_url: str
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(20, gt=0)
+    log_every: int = Field(1, gt=0)
+    max_failures: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """Everything one LoRA training run needs; `ray_jobs/configs/*.yaml` are instances."""
+
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    run: RunConfig
+
+
+class PrepareConfig(_Strict):
+    """What `musiclora prepare` turns into shards.
+
+    Attributes:
+        family / base: the model whose codec or VAE encodes the audio.
+        metadata: JSONL/CSV of tracks (path, caption, ...), e.g. the corpus's `metadata.jsonl`.
+        output_url: folder URL the shards and `manifest.json` are written to.
+        segment_s: segment length in seconds (MusicGen was trained on 30 s; tiny demos use less).
+        hop_s: hop between segment starts in seconds (default: `segment_s`, no overlap).
+        min_s: shortest tail segment kept (zero-padded, masked) in seconds.
+        max_segments_per_track: cap per track (None: all).
+        samples_per_shard: samples written per `.tar` shard.
+        val_fraction: share of tracks held out into `val-*.tar` shards.
+    """
+
+    family: str = "musicgen-melody"
+    base: str = "facebook/musicgen-melody"
+    metadata: str
+    output_url: str
+    segment_s: float = Field(30.0, gt=0)
+    hop_s: float | None = Field(None, gt=0)
+    min_s: float = Field(1.0, ge=0)
+    max_segments_per_track: int | None = Field(None, gt=0)
+    samples_per_shard: int = Field(64, gt=0)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        return ModelConfig._known_family(v)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what was expected."""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn `["adapter.r=16", "run.name=x"]` into `{"adapter.r": 16, "run.name": "x"}`.
+
+    Values are parsed as YAML scalars (so `16` is an int, `true` a bool, `[a, b]` a list).
+
+    Raises:
+        ConfigError: an override without `=`.
+    """
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. adapter.r=16")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def apply_overrides(tree: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the nested dict `tree` with dotted-key values from `flat` set."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] = TrainConfig):
+    """Load a YAML config, apply `key=value` overrides, validate it.
+
+    Args:
+        path: YAML file (local path).
+        overrides: dotted `key=value` strings applied after the file.
+        schema: the pydantic model to validate against (default `TrainConfig`).
+
+    Returns:
+        An instance of `schema`.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or a validation error; the message lists each
+            offending dotted key and what was expected.
+    """
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config {path}: cannot read YAML ({exc})") from exc
+    return validate_config(apply_overrides(tree, parse_overrides(overrides)), schema, source=str(path))
+
+
+def validate_config(tree: dict[str, Any], schema: type[BaseModel] = TrainConfig, source: str = "config"):
+    """Validate a nested dict against `schema`, turning pydantic errors into one `ConfigError`."""
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None

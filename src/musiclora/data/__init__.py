@@ -1,0 +1,1 @@
+"""Data: decoding and preprocessing audio, the bundled corpus, user metadata, shards."""

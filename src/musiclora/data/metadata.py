@@ -1,0 +1,222 @@
+"""A user's own music: metadata files (JSONL or CSV) and plain folders of audio.
+
+A metadata file lists one track per row with at least ``path`` and ``caption``; ``genre``,
+``bpm``, ``key`` and ``mood`` are optional, and any other columns are kept as extra fields.
+Relative paths are resolved against the folder that holds the metadata file. Files and folders
+may be local paths or fsspec URLs (``s3://bucket/music/metadata.jsonl``).
+
+Example JSONL row::
+
+    {"path": "jazz/take_five.flac", "caption": "cool jazz quartet, alto sax lead", "bpm": 172}
+
+Example CSV::
+
+    path,caption,genre,bpm,key,mood
+    jazz/take_five.flac,"cool jazz quartet, alto sax lead",jazz,172,Eb minor,relaxed
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import re
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a"})
+REQUIRED_COLUMNS = ("path", "caption")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+class TrackMeta(BaseModel):
+    """One training track.
+
+    Attributes:
+        path: absolute local path or fsspec URL of the audio file.
+        caption: the text prompt describing the music (non-empty).
+        genre: optional genre.
+        bpm: optional tempo in beats per minute (> 0).
+        key: optional musical key, free text (e.g. "Eb minor").
+        mood: optional mood, free text.
+    Extra columns (e.g. the bundled corpus's ``artist``, ``licence``, ``duration_s``) are kept.
+    """
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
+
+    path: str = Field(min_length=1)
+    caption: str = Field(min_length=1)
+    genre: str | None = None
+    bpm: float | None = Field(default=None, gt=0)
+    key: str | None = None
+    mood: str | None = None
+
+    @field_validator("genre", "bpm", "key", "mood", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def _is_url(path: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) is not None
+
+
+def _resolve(track_path: str, base: str) -> str:
+    """Absolute path/URL of `track_path`, relative ones taken from the folder `base`."""
+    if _is_url(track_path) or os.path.isabs(track_path):
+        return track_path
+    if _is_url(base):
+        protocol, rest = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, track_path))}"
+    return os.path.normpath(os.path.join(base, track_path))
+
+
+def _base_folder(source: str) -> str:
+    if _is_url(source):
+        return source.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(source))
+
+
+def _decode_lines(raw: bytes, source: str) -> list[str]:
+    """Decode UTF-8 (a BOM is allowed) line by line so an error can name its line."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    out = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{source}: line {number} is not valid UTF-8 (byte {exc.start}: {line[exc.start : exc.start + 1]!r}); "
+                "save the metadata file as UTF-8"
+            ) from exc
+    return out
+
+
+def _make_track(row: dict, base: str, source: str, where: str) -> TrackMeta:
+    missing = [c for c in REQUIRED_COLUMNS if row.get(c) is None or str(row[c]).strip() == ""]
+    if missing:
+        raise ValueError(f"{source}: {where} has no {' or '.join(repr(c) for c in missing)} (required)")
+    try:
+        track = TrackMeta.model_validate(row)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{source}: {where}: {problems}") from exc
+    track.path = _resolve(track.path, base)
+    return track
+
+
+def _parse_jsonl(lines: list[str], base: str, source: str) -> list[TrackMeta]:
+    tracks = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: line {number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: line {number} is a JSON {type(row).__name__}, expected an object")  # noqa: TRY004
+        tracks.append(_make_track(row, base, source, f"line {number}"))
+    return tracks
+
+
+def _parse_csv(lines: list[str], base: str, source: str) -> list[TrackMeta]:
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{source}: missing required column {', '.join(repr(c) for c in missing)} (header has {columns})"
+        )
+    tracks = []
+    for row in reader:
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue
+        clean = {(k or "").strip(): v for k, v in row.items() if k is not None}
+        tracks.append(_make_track(clean, base, source, f"line {reader.line_num}"))
+    return tracks
+
+
+def load_metadata(path_or_url: str | os.PathLike) -> list[TrackMeta]:
+    """Read a metadata file of tracks and captions.
+
+    The format comes from the suffix: ``.jsonl`` / ``.ndjson`` / ``.json`` (one JSON object a
+    line) or ``.csv`` (header row; empty optional cells are None). Other suffixes are sniffed:
+    a first non-blank line starting with ``{`` is JSONL, anything else CSV. Blank lines are
+    skipped. Audio files are not opened here (they may be remote); `prepare` counts missing ones.
+
+    Args:
+        path_or_url: local path or fsspec URL of the metadata file.
+
+    Returns:
+        The tracks in file order, `path` made absolute (relative paths are resolved against the
+        metadata file's folder; URLs and absolute paths are kept).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: naming the file (and line or column) if it is not UTF-8, has a malformed
+            row, lacks the ``path`` or ``caption`` column, has an invalid value (e.g. bpm <= 0),
+            or holds no tracks.
+    """
+    source = os.fspath(path_or_url)
+    with fsspec.open(source, "rb") as f:
+        raw = f.read()
+    lines = _decode_lines(raw, source)
+    base = _base_folder(source)
+    suffix = posixpath.splitext(source.lower())[1]
+    first = next((line.lstrip() for line in lines if line.strip()), "")
+    if suffix in _JSONL_SUFFIXES or (suffix != ".csv" and first.startswith("{")):
+        tracks = _parse_jsonl(lines, base, source)
+    else:
+        tracks = _parse_csv(lines, base, source)
+    if not tracks:
+        raise ValueError(f"{source}: holds no tracks")
+    return tracks
+
+
+def title_from_filename(path: str | os.PathLike) -> str:
+    """Turn a file name into a title: "the_king_is_dead.ogg" -> "The King Is Dead"."""
+    stem = posixpath.splitext(posixpath.basename(os.fspath(path).replace("\\", "/")))[0]
+    words = re.sub(r"[_\-.]+", " ", stem).split()
+    return " ".join(w[:1].upper() + w[1:] for w in words) or stem
+
+
+def scan_folder(folder: str | os.PathLike) -> list[TrackMeta]:
+    """List a folder of audio that has no metadata file, with captions made from file names.
+
+    Files are found recursively by suffix (AUDIO_SUFFIXES). The caption is the title made from
+    the file name, followed by the names of the sub-folders it sits in, which often name a genre
+    or an album: ``jazz/cool/take_five.flac`` -> "Take Five, jazz, cool".
+
+    Args:
+        folder: local folder or fsspec URL of one.
+
+    Returns:
+        Tracks sorted by path; local paths absolute, remote ones as full URLs.
+
+    Raises:
+        NotADirectoryError: if `folder` is not a folder.
+        ValueError: if it holds no audio files.
+    """
+    source = os.fspath(folder)
+    fs, root = fsspec.core.url_to_fs(source)
+    if not fs.isdir(root):
+        raise NotADirectoryError(f"not a folder: {source!r}")
+    local = isinstance(fs, LocalFileSystem)
+    found = sorted(p for p in fs.find(root) if posixpath.splitext(p)[1].lower() in AUDIO_SUFFIXES)
+    if not found:
+        raise ValueError(f"{source}: no audio files found (looked for {sorted(AUDIO_SUFFIXES)})")
+    root = root.rstrip("/")
+    tracks = []
+    for p in found:
+        rel_dirs = posixpath.dirname(posixpath.relpath(p, root))
+        parts = [title_from_filename(p)] + [d.replace("_", " ") for d in rel_dirs.split("/") if d]
+        path = os.path.abspath(p) if local else fs.unstrip_protocol(p)
+        tracks.append(TrackMeta(path=path, caption=", ".join(parts)))
+    return tracks

@@ -1,0 +1,1 @@
+"""Model families: one small interface (`base.ModelFamily`), one module per family."""

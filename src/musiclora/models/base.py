@@ -1,0 +1,136 @@
+"""The model-family interface: everything the data path, trainer and server ask of a family.
+
+A family turns audio into the features its shards hold (`encode_segments`), turns a batch of
+decoded shard samples into model inputs (`collate`), computes the training loss (`loss`),
+knows which modules LoRA targets (`lora_presets`) and generates audio (`generate`). The trainer
+and `prepare` only ever talk to this interface: no `if family == ...` outside `models/`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Loaded:
+    """A loaded base model with what it needs around it.
+
+    Attributes:
+        model: the full transformers/diffusers-backed `nn.Module` (eval mode).
+        tokenizer: the text tokenizer/processor matching `model`.
+        base: the id it was loaded from (`tiny`, a hub id or a folder).
+        family: the family's name.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    base: str
+    family: str
+
+
+@dataclass
+class Segment:
+    """One fixed-length piece of a track, ready for feature extraction.
+
+    Attributes:
+        key: unique sample key (`<track-id>_<start-ms>`), safe as a WebDataset `__key__`.
+        audio: float32 mono waveform, shape [L], at the family's `sample_rate`, zero-padded to the
+            segment length.
+        num_valid: number of real (non-padding) samples at the start of `audio`.
+        caption: text prompt describing the music.
+        meta: extra JSON-serialisable fields copied into the sample (source path, start_s, ...).
+    """
+
+    key: str
+    audio: np.ndarray
+    num_valid: int
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily(ABC):
+    """One family of text-to-music model (MusicGen-Melody, AudioLDM, ...).
+
+    Attributes:
+        name: the family's registry name, e.g. `musicgen-melody`.
+        tiny_id: the pseudo model id that builds the tiny random-weight preset.
+        lora_presets: preset name -> list of module-name suffixes for peft's `target_modules`.
+    """
+
+    name: str = ""
+    tiny_id: str = "tiny"
+    lora_presets: dict[str, list[str]] = {}
+
+    @abstractmethod
+    def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
+        """Load the full model from a hub id or local folder, or build the tiny preset.
+
+        Raises:
+            ValueError: `base` is neither `tiny`, a folder with a config, nor a loadable hub id.
+        """
+
+    @abstractmethod
+    def skeleton(self, base: str, revision: str | None = None) -> nn.Module:
+        """The model's module tree without loading weights (meta device; tiny: the real tiny model).
+
+        Used on the driver to check LoRA target modules before any worker starts.
+        """
+
+    @abstractmethod
+    def save_tiny(self, out_dir: str, seed: int = 0) -> str:
+        """Build the tiny preset and write it as a `save_pretrained` folder; return its path."""
+
+    sample_rate: int = 0
+    """Audio sample rate in Hz the family's encoder expects."""
+
+    @abstractmethod
+    def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
+        """JSON description of what each shard sample holds (written into manifest.json)."""
+
+    @abstractmethod
+    def encode_segments(self, loaded: Loaded, segments: list[Segment]) -> list[dict[str, Any]]:
+        """Turn segments into WebDataset samples (dicts of `__key__` and encoded fields)."""
+
+    @abstractmethod
+    def collate(self, samples: list[dict[str, Any]], loaded: Loaded) -> dict[str, torch.Tensor]:
+        """Batch decoded shard samples into the tensors `loss` takes."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss (float32) for one batch."""
+
+    @abstractmethod
+    def generate(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompt: str,
+        duration_s: float,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        melody: np.ndarray | None = None,
+        melody_sample_rate: int | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Generate audio; returns (float32 waveform [L], sample_rate in Hz)."""
+
+    def target_modules(self, preset: str, explicit: list[str] | None = None) -> list[str]:
+        """peft `target_modules` for a preset name, or the explicit list when given.
+
+        Raises:
+            ValueError: unknown preset (names the known ones).
+        """
+        if explicit:
+            return list(explicit)
+        if preset not in self.lora_presets:
+            raise ValueError(
+                f"unknown LoRA preset {preset!r} for family {self.name!r}; "
+                f"expected one of {sorted(self.lora_presets)} or explicit target_modules"
+            )
+        return list(self.lora_presets[preset])
+

@@ -1,0 +1,282 @@
+"""MusicGen-Melody (transformers `MusicgenMelodyForConditionalGeneration`) as a musiclora family.
+
+The only module that knows transformers' token layouts: inside musiclora codec tokens are
+`[B, K, T]`; here they become the decoder's `input_ids` `(B*K, S)` with MusicGen's delay pattern
+(codebook k shifted right by k frames, audiocraft's `DelayedPatternProvider`) and the loss is
+cross-entropy averaged over the K codebooks, padding masked (audiocraft `solvers/musicgen.py`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from musiclora.models.base import Loaded, ModelFamily, Segment
+from musiclora.models.chroma import melody_chroma
+from musiclora.models.tiny_tokenizer import build_t5_tokenizer
+
+MAX_TEXT_TOKENS = 64
+
+
+def codes_to_delayed(codes: torch.Tensor, valid: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay codec tokens out in MusicGen's delay pattern, with a BOS column in front.
+
+    Codebook k's frame t lands at position t + k + 1; position 0 and every position outside a
+    codebook's window hold `pad_id` (MusicGen uses the same id for BOS and padding), exactly as
+    `MusicgenMelodyForCausalLM.build_delay_pattern_mask` lays out generation.
+
+    Args:
+        codes: int64 tokens, shape [B, K, T].
+        valid: bool frame mask, shape [B, T]; False marks padded frames of a short segment.
+        pad_id: the decoder's pad/BOS token id (codebook size, 2048 for facebook/musicgen-melody).
+
+    Returns:
+        (delayed int64 [B, K, T + K + 1], delayed_valid bool [B, K, T + K + 1]).
+
+    Raises:
+        ValueError: if `codes` is not 3-D or `valid` is not [B, T].
+    """
+    if codes.dim() != 3 or valid.shape != (codes.shape[0], codes.shape[2]):
+        raise ValueError(f"codes must be [B, K, T] and valid [B, T]; got {tuple(codes.shape)} and {tuple(valid.shape)}")
+    b, k, t = codes.shape
+    delayed = torch.full((b, k, t + k + 1), pad_id, dtype=torch.long, device=codes.device)
+    dvalid = torch.zeros((b, k, t + k + 1), dtype=torch.bool, device=codes.device)
+    for q in range(k):
+        delayed[:, q, q + 1 : q + 1 + t] = codes[:, q]
+        dvalid[:, q, q + 1 : q + 1 + t] = valid
+    return delayed, dvalid
+
+
+def delayed_to_codes(delayed: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Inverse of `codes_to_delayed`: int64 [B, K, S] -> int64 [B, K, num_frames]."""
+    k = delayed.shape[1]
+    return torch.stack([delayed[:, q, q + 1 : q + 1 + num_frames] for q in range(k)], dim=1)
+
+
+def build_tiny_musicgen_melody(seed: int = 0):
+    """The `tiny` preset: real transformers classes, small config, random weights.
+
+    Keeps what shapes the data path: 32 kHz mono EnCodec at 50 Hz frames with K = 4 codebooks of
+    2048 entries (2.2 kbps, as facebook/musicgen-melody), 12-bin chroma; shrinks widths and depths.
+
+    Returns:
+        (MusicgenMelodyForConditionalGeneration in eval mode, T5Tokenizer), about 0.9 M parameters.
+    """
+    from transformers import (
+        EncodecConfig,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyForConditionalGeneration,
+        T5Config,
+    )
+
+    tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    audio = EncodecConfig(
+        sampling_rate=32_000, audio_channels=1, num_filters=4, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048, codebook_dim=16, hidden_size=16, num_lstm_layers=1, target_bandwidths=[2.2],
+        use_causal_conv=False, normalize=False,
+    )
+    text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    decoder = MusicgenMelodyDecoderConfig(
+        vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, num_codebooks=4,
+        pad_token_id=2048, bos_token_id=2048, max_position_embeddings=4096,
+    )
+    config = MusicgenMelodyConfig(
+        text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict(), chroma_length=235
+    )
+    model = MusicgenMelodyForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 2048
+    model.generation_config.decoder_start_token_id = 2048
+    model.generation_config.bos_token_id = 2048
+    return model, tokenizer
+
+
+class MusicgenMelodyFamily(ModelFamily):
+    """MusicGen-Melody: EnCodec codes + melody chroma + caption -> LoRA on the decoder."""
+
+    name = "musicgen-melody"
+    default_base = "facebook/musicgen-melody"
+    lora_presets = {
+        "attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
+        "attn+ffn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"],
+        "attn+cond": [
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+            "enc_to_dec_proj", "audio_enc_to_dec_proj",
+        ],
+    }
+    sample_rate = 32_000
+
+    def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
+        from transformers import AutoTokenizer, MusicgenMelodyForConditionalGeneration
+
+        if base == self.tiny_id:
+            model, tokenizer = build_tiny_musicgen_melody()
+        else:
+            try:
+                model = MusicgenMelodyForConditionalGeneration.from_pretrained(base, revision=revision, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"cannot load MusicGen-Melody base {base!r}: expected 'tiny', a save_pretrained folder or a hub id "
+                    f"({exc})"
+                ) from exc
+        return Loaded(model=model.to(dtype).eval(), tokenizer=tokenizer, base=base, family=self.name)
+
+    def skeleton(self, base: str, revision: str | None = None) -> nn.Module:
+        from transformers import MusicgenMelodyConfig, MusicgenMelodyForConditionalGeneration
+
+        if base == self.tiny_id:
+            return build_tiny_musicgen_melody()[0]
+        try:
+            config = MusicgenMelodyConfig.from_pretrained(base, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the config of MusicGen-Melody base {base!r} ({exc})") from exc
+        with torch.device("meta"):
+            return MusicgenMelodyForConditionalGeneration(config)
+
+    def save_tiny(self, out_dir: str, seed: int = 0) -> str:
+        model, tokenizer = build_tiny_musicgen_melody(seed)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        return out_dir
+
+    def frame_rate(self, model: nn.Module) -> int:
+        """Codec frames per second (50 Hz for the 32 kHz EnCodec)."""
+        return int(model.config.audio_encoder.frame_rate)
+
+    def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
+        cfg = loaded.model.config
+        return {
+            "family": self.name,
+            "codec": "encodec",
+            "codec_sample_rate": int(cfg.audio_encoder.sampling_rate),
+            "frame_rate": self.frame_rate(loaded.model),
+            "num_codebooks": int(cfg.decoder.num_codebooks),
+            "codebook_size": int(cfg.audio_encoder.codebook_size),
+            "fields": {
+                "codes.npy": "int16 [K, T] EnCodec tokens",
+                "chroma.npy": "uint8 [T_c, 12] one-hot melody chroma (MusicgenMelodyFeatureExtractor)",
+                "json": "caption, num_frames (valid frames), source, start_s, duration_s",
+            },
+        }
+
+    @torch.no_grad()
+    def encode_segments(self, loaded: Loaded, segments: list[Segment]) -> list[dict[str, Any]]:
+        """EnCodec codes, chroma and caption per segment.
+
+        Returns:
+            one WebDataset sample per segment: `__key__`, `codes.npy` (int16 [K, T]),
+            `chroma.npy` (uint8 [T_c, 12]) and `json` (caption, num_frames, ...), as bytes.
+        """
+        model = loaded.model
+        wav = torch.from_numpy(np.stack([s.audio for s in segments])).float()
+        codes = model.audio_encoder.encode(wav[:, None, :].to(model.dtype)).audio_codes[0]  # [B, K, T]
+        chroma = melody_chroma(wav, self.sample_rate)
+        hop = model.config.audio_encoder.sampling_rate // self.frame_rate(model)
+        out = []
+        for i, seg in enumerate(segments):
+            meta = dict(seg.meta, caption=seg.caption, num_frames=int(np.ceil(seg.num_valid / hop)))
+            out.append({
+                "__key__": seg.key,
+                "codes.npy": _npy_bytes(codes[i].to(torch.int16).numpy()),
+                "chroma.npy": _npy_bytes(chroma[i].to(torch.uint8).numpy()),
+                "json": meta,
+            })
+        return out
+
+    def collate(self, samples: list[dict[str, Any]], loaded: Loaded) -> dict[str, torch.Tensor]:
+        """Decoded samples -> `codes` [B, K, T] int64, `valid` [B, T] bool, `chroma` [B, T_c, 12] float32,
+        `input_ids`/`attention_mask` [B, N] from the tokenizer (captions truncated to 64 tokens)."""
+        codes = torch.stack([torch.as_tensor(s["codes.npy"].astype(np.int64)) for s in samples])
+        t = codes.shape[-1]
+        frames = torch.tensor([min(int(s["json"]["num_frames"]), t) for s in samples])
+        valid = torch.arange(t)[None, :] < frames[:, None]
+        chroma = torch.stack([torch.as_tensor(s["chroma.npy"].astype(np.float32)) for s in samples])
+        text = loaded.tokenizer(
+            [s["json"]["caption"] for s in samples], padding=True, truncation=True,
+            max_length=MAX_TEXT_TOKENS, return_tensors="pt",
+        )
+        return {
+            "codes": codes, "valid": valid, "chroma": chroma,
+            "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+        }
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over the K codebooks in the delay pattern, padding masked, mean over K.
+
+        Source: audiocraft `MusicGenSolver._compute_cross_entropy` (per-codebook CE, averaged).
+        """
+        codes, valid = batch["codes"], batch["valid"]
+        b, k, t = codes.shape
+        pad_id = _pad_id(model)
+        delayed, dvalid = codes_to_delayed(codes, valid, pad_id)
+        decoder_input_ids = delayed[:, :, :-1].reshape(b * k, t + k)
+        labels = delayed[:, :, 1:].masked_fill(~dvalid[:, :, 1:], -100)  # [B, K, T + K]
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            input_features=batch["chroma"].to(dtype), decoder_input_ids=decoder_input_ids,
+        )
+        logits = out.logits[:, -(t + k):].reshape(b, k, t + k, -1).float()
+        per_codebook = [
+            nn.functional.cross_entropy(logits[:, q].reshape(-1, logits.shape[-1]), labels[:, q].reshape(-1))
+            for q in range(k)
+        ]
+        return torch.stack(per_codebook).mean()
+
+    @torch.no_grad()
+    def generate(
+        self, model, tokenizer, prompt: str, duration_s: float, guidance_scale: float = 3.0, seed: int = 0,
+        melody: np.ndarray | None = None, melody_sample_rate: int | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Sample audio for `prompt` (top-k 250 sampling, classifier-free guidance as MusicGen).
+
+        Args:
+            melody: optional float mono waveform [L] whose chroma conditions the melody.
+            melody_sample_rate: its rate in Hz (resampled to 32 kHz here).
+
+        Returns:
+            (float32 waveform [L], 32000).
+        """
+        from musiclora.data.audio import resample
+
+        torch.manual_seed(seed)
+        inner = _unwrap(model)
+        text = tokenizer([prompt], padding=True, return_tensors="pt")
+        kwargs: dict[str, Any] = {}
+        if melody is not None:
+            wav = resample(np.asarray(melody, np.float32), melody_sample_rate or self.sample_rate, self.sample_rate)
+            kwargs["input_features"] = melody_chroma(wav[None], self.sample_rate).to(inner.dtype)
+        n_frames = max(1, int(round(duration_s * self.frame_rate(inner))))
+        # the delay pattern costs K - 1 extra steps before the last codebook's last frame is out
+        audio = model.generate(
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"], do_sample=True, top_k=250,
+            guidance_scale=guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1, **kwargs,
+        )
+        return audio[0, 0].float().cpu().numpy(), self.sample_rate
+
+
+def _pad_id(model: nn.Module) -> int:
+    return int(_unwrap(model).config.decoder.pad_token_id)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under peft / DeepSpeed wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

@@ -1,0 +1,165 @@
+"""The Ray Train driver: check the config, run a `TorchTrainer`, publish the adapter.
+
+Everything that can be wrong with a run (unknown family or preset, target modules matching
+nothing, missing shards or shards of another family, too few samples for the workers, a storage
+path that cannot be written) is caught here on the driver, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from musiclora.adapters import CARD, check_targets, upload_dir
+from musiclora.config import TrainConfig
+from musiclora.data.shards import MANIFEST, load_manifest
+from musiclora.models.registry import get_family
+from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, pyarrow_fs
+from musiclora.train.loop import STATE, train_loop_per_worker
+
+WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message names the config key or URL at fault."""
+
+
+def preflight(cfg: TrainConfig) -> dict[str, Any]:
+    """Check a run before any worker starts.
+
+    Returns:
+        {"manifest": ..., "manifest_sha256": ..., "target_modules": [...]}.
+
+    Raises:
+        PreflightError: unknown family/preset, target modules that match nothing, missing shards,
+            shards prepared for another family, fewer training samples than one batch per worker,
+            an unwritable storage_path or adapters_url.
+    """
+    try:
+        family = get_family(cfg.model.family)
+        targets = check_targets(family.skeleton(cfg.model.base, cfg.model.revision), family, cfg.adapter)
+    except ValueError as exc:
+        raise PreflightError(f"model/adapter: {exc}") from None
+    try:
+        manifest = load_manifest(cfg.data.shards_url)
+    except FileNotFoundError as exc:
+        raise PreflightError(f"data.shards_url: {exc}") from None
+    if manifest.get("family") != family.name:
+        raise PreflightError(
+            f"data.shards_url: shards at {cfg.data.shards_url} were prepared for family {manifest.get('family')!r}, "
+            f"not {family.name!r}"
+        )
+    need = cfg.run.num_workers * cfg.data.batch_size
+    if manifest["num_samples"]["train"] < need:
+        raise PreflightError(
+            f"data: {manifest['num_samples']['train']} training samples, fewer than one batch per worker "
+            f"({cfg.run.num_workers} workers x batch_size {cfg.data.batch_size}); prepare more data or scale down"
+        )
+    for key, url in (("run.storage_path", cfg.run.storage_path), ("run.adapters_url", cfg.run.adapters_url)):
+        _check_writable(key, url)
+    with open_url(join_url(cfg.data.shards_url, MANIFEST), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"manifest": manifest, "manifest_sha256": digest, "target_modules": targets}
+
+
+def _check_writable(key: str, url: str) -> None:
+    probe = join_url(url, f".musiclora-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        ensure_bucket(url)
+        with open_url(probe, "wb") as f:
+            f.write(b"ok")
+        fs, path = get_fs(probe)
+        fs.rm(path)
+    except Exception as exc:  # any storage failure is the same answer for the user
+        raise PreflightError(f"{key}: cannot write to {url} ({exc})") from None
+
+
+def build_trainer(cfg: TrainConfig):
+    """A `TorchTrainer` running `train_loop_per_worker` with the run's scaling and storage."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = pyarrow_fs(cfg.run.storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the workers need (object store endpoint and keys, DeepSpeed's accelerator)."""
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Preflight, train on the current Ray cluster, publish the adapter to `<adapters_url>/<name>/`.
+
+    Returns:
+        summary: adapter URL, steps, first/last loss, the losses, trainable parameters.
+    """
+    import ray
+
+    checks = preflight(cfg)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": worker_env()})
+    result = build_trainer(cfg).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")
+    adapter_url = join_url(cfg.run.adapters_url, cfg.run.name)
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads(Path(ckpt, STATE).read_text())
+        card = build_card(cfg, checks, state)
+        publish_adapter(ckpt, adapter_url, card)
+    return {"adapter_url": adapter_url, **card["training"]}
+
+
+def build_card(cfg: TrainConfig, checks: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The adapter card: base model, family, LoRA settings, data manifest hash, training figures."""
+    losses = state["losses"]
+    k = max(1, min(5, len(losses) // 4))
+    return {
+        "format": "musiclora-adapter/1",
+        "family": cfg.model.family,
+        "base_model": cfg.model.base,
+        "base_revision": cfg.model.revision,
+        "base_licence_note": "the adapter is a derivative of the base model: its licence terms apply "
+                             "(facebook/musicgen-melody: CC-BY-NC-4.0 weights)",
+        "adapter": {**cfg.adapter.model_dump(), "target_modules": checks["target_modules"]},
+        "data": {"shards_url": cfg.data.shards_url, "manifest_sha256": checks["manifest_sha256"],
+                 "num_samples": checks["manifest"]["num_samples"]},
+        "training": {
+            "steps": state["step"], "samples": state["samples"], "losses": losses,
+            "first_loss_mean": sum(losses[:k]) / k, "last_loss_mean": sum(losses[-k:]) / k,
+            "deepspeed": cfg.deepspeed.model_dump(), "num_workers": cfg.run.num_workers,
+        },
+    }
+
+
+def publish_adapter(checkpoint_dir: str, url: str, card: dict[str, Any]) -> None:
+    """Copy the peft files of a checkpoint to `url`, with card.json and a loss-curve PNG."""
+    from musiclora.plots import plot_losses
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            Path(tmp, name).write_bytes(Path(checkpoint_dir, name).read_bytes())
+        Path(tmp, CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+        plot_losses(card["training"]["losses"], str(Path(tmp, "loss.png")), title=f"LoRA training loss ({url})")
+        upload_dir(tmp, url)
