@@ -44,3 +44,78 @@ def s3_bucket_url(s3_env: dict[str, str]) -> str:
     url = f"s3://test-{uuid.uuid4().hex[:12]}"
     ensure_bucket(url)
     return url
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="session")
+def tiny_musicgen_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny MusicGen-Melody written as a save_pretrained folder (loadable by plain transformers)."""
+    from musiclora.models.registry import get_family
+
+    return get_family("musicgen-melody").save_tiny(str(tmp_path_factory.mktemp("tiny_musicgen")))
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _free_port_block(width: int = 3) -> int:
+    """A base port P with P..P+width-1 free on 127.0.0.1."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(23000, 29000)
+        try:
+            socks = []
+            for p in range(base, base + width):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStore):
+    """A real single-host Ray head on 127.0.0.1 (pinned free ports, token auth), reaching `s3_store`.
+
+    Every Ray process inherits the store's AWS_* variables and DS_ACCELERATOR=cpu. Stopped by PID.
+    """
+    import os
+    from pathlib import Path
+
+    from musiclora.local_ray import LocalRay
+
+    repo = Path(__file__).resolve().parents[1]
+    head = LocalRay(tmp_path_factory.mktemp("ray"), gcs_port=_free_port_block(1), dashboard_port=_free_port_block(3),
+                    num_cpus=4)
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(repo / ".musiclora" / "torch_extensions"))
+    head.start(extra_env={**s3_store.env(), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": ext,
+                          "PYTHONPATH": str(repo / "src"), "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture
+def ray_driver(ray_cluster, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """`ray.init` in this test process, connected to `ray_cluster`; shut down afterwards."""
+    import ray
+
+    for name, value in ray_cluster.env().items():
+        if name != "RAY_ADDRESS":
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(address=ray_cluster.address)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()

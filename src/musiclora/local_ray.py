@@ -27,7 +27,8 @@ class LocalRay:
     Args:
         state_dir: folder for the auth token, logs, Ray's temp dir and the state file.
         gcs_port: GCS port (`ray start --port`).
-        dashboard_port: dashboard / job-submission HTTP port.
+        dashboard_port: dashboard / job-submission HTTP port D; the Ray client server takes D+1 and
+            the dashboard agent D+2 (their defaults are fixed ports that two clusters would share).
         num_cpus: CPUs the head advertises (None: all).
     """
 
@@ -76,6 +77,8 @@ class LocalRay:
         cmd = [
             ray_bin, "start", "--head", "--block", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+            f"--ray-client-server-port={self.dashboard_port + 1}",
+            f"--dashboard-agent-listen-port={self.dashboard_port + 2}",
             f"--temp-dir={self.dir / 'tmp'}", "--disable-usage-stats",
         ]
         if self.num_cpus is not None:
