@@ -54,23 +54,33 @@ def check_targets(model: nn.Module, family: ModelFamily, cfg: AdapterConfig) -> 
     return targets
 
 
-def apply_lora(model: nn.Module, family: ModelFamily, cfg: AdapterConfig):
-    """Wrap `model` in a peft `PeftModel` with LoRA on the family preset's modules.
+def apply_lora(model: nn.Module, family: ModelFamily, cfg: AdapterConfig) -> nn.Module:
+    """Put LoRA (peft) on the family preset's modules inside the family's LoRA root.
 
     Only `lora_` parameters stay trainable. A fresh adapter leaves outputs unchanged (peft
-    initialises B to zero).
+    initialises B to zero). `family.lora_root(result)` is the `PeftModel` to save from.
 
     Returns:
-        peft.PeftModel.
+        the model to train: the PeftModel itself when the root is the whole model, else `model`
+        with its root attribute replaced by the PeftModel.
 
     Raises:
         ValueError: as `check_targets`.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = check_targets(model, family, cfg)
+    root = family.lora_root(model)
+    targets = check_targets(root, family, cfg)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
-    return get_peft_model(model, lora)
+    peft_root = get_peft_model(root, lora)
+    if family.lora_root_attr is None:
+        return peft_root
+    for p in model.parameters():
+        p.requires_grad_(False)
+    setattr(model, family.lora_root_attr, peft_root)
+    for name, p in peft_root.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
 
 
 def trainable_report(model: nn.Module) -> dict[str, Any]:

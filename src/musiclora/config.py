@@ -29,11 +29,14 @@ class ModelConfig(_Strict):
         base: a hub id (e.g. `facebook/musicgen-melody`), a local `save_pretrained` folder, or an
             fsspec URL of such a folder (copied locally first).
         revision: hub revision, recorded in the adapter card.
+        options: family-specific training knobs (validated by the family), e.g. AudioLDM's
+            `caption_dropout`.
     """
 
     family: str = "musicgen-melody"
     base: str = "facebook/musicgen-melody"
     revision: str | None = None
+    options: dict[str, Any] = {}
 
     @field_validator("family")
     @classmethod

@@ -66,6 +66,15 @@ class ModelFamily(ABC):
     name: str = ""
     tiny_id: str = "tiny"
     lora_presets: dict[str, list[str]] = {}
+    lora_root_attr: str | None = None
+    """Attribute of the loaded model holding the sub-module LoRA goes into (None: the whole model).
+    AudioLDM sets "unet", so its adapter is a UNet adapter that loads onto a bare UNet."""
+
+    def lora_root(self, model: nn.Module) -> nn.Module:
+        """The module LoRA is applied to and saved from (after `apply_lora`: the PeftModel).
+
+        Pass the model itself, not a DeepSpeed engine (use `engine.module`)."""
+        return getattr(model, self.lora_root_attr) if self.lora_root_attr else model
 
     @abstractmethod
     def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:

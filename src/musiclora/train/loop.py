@@ -47,7 +47,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter_model.safetensors")))
+            set_peft_model_state_dict(family.lora_root(model), load_file(str(Path(d) / "adapter_model.safetensors")))
             state = json.loads((Path(d) / STATE).read_text())
     model = model.to(model_dtype(cfg)).train()
     if rank == 0:
@@ -93,17 +93,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             done = state["step"] == cfg.optim.max_steps
             if state["step"] % cfg.run.checkpoint_every == 0 or done:
-                _report_with_checkpoint(engine, cfg, rank, state, metrics)
+                _report_with_checkpoint(engine, cfg, family, rank, state, metrics)
             else:
                 ray.train.report(metrics)
             window_start, window_samples, wait_s = time.time(), 0, 0.0
 
 
-def _gathered_lora(engine, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def _gathered_lora(engine, cfg: TrainConfig, family) -> dict[str, torch.Tensor]:
     """Full adapter tensors on every rank (under ZeRO-3 the local ones are empty partitions)."""
     import deepspeed
 
-    module = engine.module
+    module = family.lora_root(engine.module)
     if cfg.deepspeed.zero_stage == 3:
         lora = [p for n, p in module.named_parameters() if "lora_" in n]
         with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):
@@ -111,16 +111,16 @@ def _gathered_lora(engine, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in lora_state_dict(module).items()}
 
 
-def _report_with_checkpoint(engine, cfg: TrainConfig, rank: int, state: dict, metrics: dict) -> None:
+def _report_with_checkpoint(engine, cfg: TrainConfig, family, rank: int, state: dict, metrics: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    tensors = _gathered_lora(engine, cfg)  # collective: every rank takes part
+    tensors = _gathered_lora(engine, cfg, family)  # collective: every rank takes part
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.module.save_pretrained(tmp, state_dict=tensors, safe_serialization=True)
+        family.lora_root(engine.module).save_pretrained(tmp, state_dict=tensors, safe_serialization=True)
         Path(tmp, STATE).write_text(json.dumps(state))
         Path(tmp, "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

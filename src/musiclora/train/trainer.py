@@ -43,7 +43,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """
     try:
         family = get_family(cfg.model.family)
-        targets = check_targets(family.skeleton(cfg.model.base, cfg.model.revision), family, cfg.adapter)
+        targets = check_targets(family.lora_root(family.skeleton(cfg.model.base, cfg.model.revision)), family, cfg.adapter)
     except ValueError as exc:
         raise PreflightError(f"model/adapter: {exc}") from None
     try:
