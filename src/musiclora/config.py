@@ -69,6 +69,7 @@ class DataConfig(_Strict):
         loader_workers: torch DataLoader worker processes per Ray Train worker.
         shuffle_buffer: samples held in the shuffle buffer (0 disables shuffling).
         seed: base seed; the order is a function of (seed, epoch).
+        val_batches: at most this many validation batches per rank per evaluation.
     """
 
     shards_url: str
@@ -76,6 +77,7 @@ class DataConfig(_Strict):
     loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(32, ge=0)
     seed: int = 0
+    val_batches: int = Field(8, gt=0)
 
 
 class OptimConfig(_Strict):
@@ -87,6 +89,7 @@ class OptimConfig(_Strict):
     max_steps: int = Field(100, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
 
 
 class DeepSpeedConfig(_Strict):
@@ -108,7 +111,11 @@ class RunConfig(_Strict):
         use_gpu: one GPU per worker, nccl backend, when true; gloo on CPU otherwise.
         cpus_per_worker: CPUs reserved per worker.
         checkpoint_every: steps between checkpoints.
-        log_every: steps between `ray.train.report` calls.
+        log_every: steps between `ray.train.report` calls and progress lines.
+        max_failures: worker-group restarts Ray Train makes (each resumes from the last checkpoint).
+        eval_every: steps between validation passes on the `val` shards (0: never).
+        early_stopping_patience: evaluations without improvement before stopping (0: never stop early).
+        min_delta: smallest validation-loss decrease that counts as an improvement.
     """
 
     name: str = "musiclora-run"
@@ -120,6 +127,9 @@ class RunConfig(_Strict):
     checkpoint_every: int = Field(20, gt=0)
     log_every: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Strict):

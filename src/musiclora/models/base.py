@@ -128,6 +128,21 @@ class ModelFamily(ABC):
     ) -> tuple[np.ndarray, int]:
         """Generate audio; returns (float32 waveform [L], sample_rate in Hz)."""
 
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens in a batch, for the tokens/s metric (0 when the family has no tokens)."""
+        return 0
+
+    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Turn on activation checkpointing in the LoRA root (transformers/diffusers API)."""
+        root = self.lora_root(model)
+        base = root.get_base_model() if hasattr(root, "get_base_model") else root
+        if hasattr(base, "gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(base, "enable_gradient_checkpointing"):
+            base.enable_gradient_checkpointing()
+        else:
+            raise ValueError(f"{type(base).__name__} has no gradient checkpointing switch")
+
     def target_modules(self, preset: str, explicit: list[str] | None = None) -> list[str]:
         """peft `target_modules` for a preset name, or the explicit list when given.
 

@@ -91,6 +91,7 @@ def build_tiny_musicgen_melody(seed: int = 0):
         text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict(), chroma_length=235
     )
     model = MusicgenMelodyForConditionalGeneration(config).eval()
+    _randomise_codebooks(model, seed)
     model.generation_config.pad_token_id = 2048
     model.generation_config.decoder_start_token_id = 2048
     model.generation_config.bos_token_id = 2048
@@ -208,6 +209,10 @@ class MusicgenMelodyFamily(ModelFamily):
             "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
         }
 
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Valid codec tokens: valid frames x K codebooks."""
+        return int(batch["valid"].sum()) * int(batch["codes"].shape[1])
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy over the K codebooks in the delay pattern, padding masked, mean over K.
 
@@ -261,6 +266,22 @@ class MusicgenMelodyFamily(ModelFamily):
             guidance_scale=guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1, **kwargs,
         )
         return audio[0, 0].float().cpu().numpy(), self.sample_rate
+
+
+@torch.no_grad()
+def _randomise_codebooks(model: nn.Module, seed: int) -> None:
+    """Give the tiny EnCodec random codebooks (seeded).
+
+    EnCodec's codebooks are buffers that only `from_pretrained` fills; a freshly built model keeps
+    them at zero, so every frame would encode to code 0 and every code decode to the same audio
+    (generated audio would not depend on the tokens, hence not on the seed or an adapter).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.audio_encoder.quantizer.layers:
+        book = layer.codebook
+        book.embed.copy_(torch.randn(book.embed.shape, generator=g))
+        book.embed_avg.copy_(book.embed)
+        book.cluster_size.fill_(1.0)
 
 
 def _pad_id(model: nn.Module) -> int:
