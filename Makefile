@@ -8,6 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.musiclora/torch_extensions
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+FAMILY ?= musicgen-melody
 
 .PHONY: setup demo test test-unit lint clean
 setup: $(STAMP)
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt scripts/setup.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/musiclora demo $(DEMO_ARGS)
+	$(VENV)/bin/musiclora demo --family $(FAMILY) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)

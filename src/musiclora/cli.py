@@ -19,6 +19,8 @@ from musiclora.store_cli import app as store_app
 app = typer.Typer(help="LoRA adaptation of text-to-music models at cluster scale.", no_args_is_help=True)
 corpus_app = typer.Typer(help="Real music to train on.", no_args_is_help=True)
 tiny_app = typer.Typer(help="Tiny random-weight presets of the real model classes.", no_args_is_help=True)
+tune_app = typer.Typer(help="Ray Tune search over LoRA hyper-parameters.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
 app.add_typer(store_app, name="store")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(tiny_app, name="tiny")
@@ -102,6 +104,43 @@ def train(
     print(json.dumps(summary))
 
 
+@tune_app.command("run")
+def tune_run(
+    config: Path = typer.Option(..., exists=True, help="TuneConfig YAML"),
+    overrides: list[str] = Overrides,
+) -> None:
+    """Run (or resume) a search on this machine's Ray; the winner is published to the registry."""
+    from musiclora.config import ConfigError
+    from musiclora.train.trainer import PreflightError
+    from musiclora.tune import load_tune_config, run_tune
+    from musiclora.tune_report import save_summary
+
+    try:
+        tune_cfg, base = load_tune_config(config, overrides)
+        summary = {"name": tune_cfg.name, **run_tune(tune_cfg, base)}
+    except (ConfigError, PreflightError) as exc:
+        _fail(exc)
+    save_summary(tune_cfg.storage_path, tune_cfg.name, summary)
+    print(json.dumps({k: summary[k] for k in ("name", "best", "registry")}, default=str))
+
+
+@tune_app.command("report")
+def tune_report(
+    name: str = typer.Option(..., help="Tune experiment name"),
+    storage_path: str = typer.Option("s3://musiclora/tune", help="Tune storage_path"),
+    out: Path = typer.Option(Path("tune_report"), help="folder for tune_report.md and PNG plots"),
+    metric: str = typer.Option("loss"),
+) -> None:
+    """PNG plots of the metric against r, lora_alpha, lora_dropout, lr, and a Markdown table of the trials."""
+    from musiclora.tune_report import load_summary, write_report
+
+    try:
+        paths = write_report(load_summary(storage_path, name), str(out), metric)
+    except FileNotFoundError as exc:
+        _fail(exc)
+    print(json.dumps(paths))
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="text prompt"),
@@ -113,6 +152,9 @@ def generate(
     guidance_scale: float = typer.Option(3.0, min=0.0),
     seed: int = typer.Option(0),
     melody: Path = typer.Option(None, exists=True, help="audio whose melody conditions the output"),
+    steps: int = typer.Option(None, min=1, help="denoising steps (diffusion families: AudioLDM)"),
+    reference: Path = typer.Option(None, exists=True,
+                                   help="AudioLDM: audio whose CLAP embedding conditions instead of the prompt"),
 ) -> None:
     """Generate audio with a base model and an optional LoRA adapter."""
     from musiclora.data.audio import AudioDecodeError
@@ -120,7 +162,8 @@ def generate(
 
     try:
         info = run_generate(prompt, str(out), family, base, adapter, duration_s, guidance_scale, seed,
-                            str(melody) if melody else None)
+                            str(melody) if melody else None, steps=steps,
+                            reference=str(reference) if reference else None)
     except (ValueError, FileNotFoundError, AudioDecodeError) as exc:
         _fail(exc)
     print(json.dumps(info))
@@ -131,13 +174,14 @@ def demo(
     workdir: Path = typer.Option(Path(".musiclora"), help="where the store, Ray state, corpus and outputs live"),
     max_tracks: int = typer.Option(None, help="cap the corpus (default: all tracks of the demo corpus)"),
     steps: int = typer.Option(None, help="override optim.max_steps"),
+    family: str = typer.Option("musicgen-melody", help="model family to demo: musicgen-melody or audioldm"),
 ) -> None:
     """The main job end to end: store + Ray up, corpus, shards, `ray job submit` training, generation."""
     from musiclora.demo import run_demo
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        code = run_demo(workdir.resolve(), max_tracks=max_tracks, steps=steps)
+        code = run_demo(workdir.resolve(), max_tracks=max_tracks, steps=steps, family=family)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
     sys.exit(code)

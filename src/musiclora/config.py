@@ -250,3 +250,74 @@ def validate_config(tree: dict[str, Any], schema: type[BaseModel] = TrainConfig,
             key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+
+
+class SearchDim(_Strict):
+    """One search dimension; exactly one field set.
+
+    `choice`: a list of values; `uniform` / `loguniform`: [low, high]; `randint`: [low, high).
+    """
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    def kind(self) -> str:
+        set_ = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"a search dimension needs exactly one of choice/uniform/loguniform/randint, got {set_}")
+        return set_[0]
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the dimension to be valid (choices, or both bounds)."""
+        kind = self.kind()
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice: empty list")
+            return list(self.choice)
+        low, high = getattr(self, kind)
+        if not low < high:
+            raise ValueError(f"{kind}: low {low} must be < high {high}")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform: bounds must be > 0, got {low}")
+        return [low, high - 1] if kind == "randint" else [low, high]
+
+
+class ASHAConfig(_Strict):
+    """ASHA early stopping of weak trials (Li et al. 2020), on `TuneConfig.metric`, in training steps."""
+
+    grace_period: int = Field(4, gt=0)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneConfig(_Strict):
+    """A Ray Tune search over a training config (`ray_jobs/configs/tune_*.yaml`).
+
+    Attributes:
+        train_config: the TrainConfig YAML every trial starts from (relative to this file or absolute).
+        train_overrides: dotted overrides applied to it before the search space.
+        search_space: dotted TrainConfig key -> dimension (same keys as `key=value` overrides).
+        metric / mode: what ASHA and the winner selection optimise (`val_loss` needs val shards).
+        num_samples: trials.
+        max_concurrent: trials at once (None: as many as the cluster's CPUs/GPUs fit).
+        seed: seed of the search algorithm; trials' data seeds stay as in the train config.
+        storage_path: where Tune keeps its experiment (s3:// or file://); resume = same name + path.
+        registry_url / registry_name: the winner is published there as a new version and promoted.
+        mlflow_tracking_uri: MLflow tracking URI (default a local sqlite store under `.musiclora/`).
+    """
+
+    name: str = "musiclora-tune"
+    train_config: str
+    train_overrides: list[str] = []
+    search_space: dict[str, SearchDim]
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
+    seed: int = 0
+    asha: ASHAConfig | None = ASHAConfig()
+    storage_path: str = "s3://musiclora/tune"
+    registry_url: str | None = None
+    registry_name: str | None = None
+    mlflow_tracking_uri: str | None = None

@@ -3,6 +3,9 @@
 store up -> Ray head up -> real corpus -> tiny base folder -> `ray job submit` prepare ->
 `ray job submit` train -> generate base and adapter clips (WAV + spectrogram) -> plain-peft
 check of the published adapter -> summary -> Ray and store down.
+
+`family` picks the model family (`musicgen-melody` by default, or `audioldm`, which also
+generates from a reference clip of the corpus); `DEMOS` holds what differs per family.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +27,26 @@ from musiclora.storage import EmbeddedStore
 console = Console()
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "orchestral game soundtrack, epic battle music"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What the demo runs for one family: job configs (under ray_jobs/configs) and the plain-load check."""
+
+    prepare_config: str
+    train_config: str
+    plain_check: str
+    """Script under examples/ taking <base-folder> <adapter-url>; exits 0 when the adapter loads
+    without musiclora and changes the output."""
+    reference_clip: bool = False
+    """Also generate from a reference clip of the corpus (audio conditioning)."""
+
+
+DEMOS = {
+    "musicgen-melody": DemoSpec("prepare_musicgen_melody_tiny.yaml", "musicgen_melody_tiny.yaml", "plain_peft_load.py"),
+    "audioldm": DemoSpec("prepare_audioldm_tiny.yaml", "audioldm_tiny.yaml", "plain_audioldm_load.py",
+                         reference_clip=True),
+}
 
 
 def _step(msg: str) -> None:
@@ -53,10 +77,19 @@ def submit(ray_head: LocalRay, args: list[str], log_path: Path) -> dict:
     return result
 
 
-def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = None) -> int:
-    """Run the demo in `workdir`; returns 0 on success. Everything started is stopped at the end."""
+def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = None,
+             family: str = "musicgen-melody") -> int:
+    """Run the demo in `workdir`; returns 0 on success. Everything started is stopped at the end.
+
+    Raises:
+        ValueError: `family` has no demo (names the ones that do).
+    """
     from musiclora.data.corpus import build_corpus
     from musiclora.models.registry import get_family
+
+    if family not in DEMOS:
+        raise ValueError(f"demo: no demo for family {family!r}; expected one of {sorted(DEMOS)}")
+    spec = DEMOS[family]
 
     t_start = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -82,16 +115,16 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         metadata = Path(corpus.metadata_path)
         console.print(f"{corpus.num_tracks} tracks, {corpus.total_duration_s / 60:.1f} min -> {metadata}")
 
-        _step("4/7 tiny MusicGen-Melody base (save_pretrained folder)")
-        base = workdir / "models" / "musicgen-melody-tiny"
-        if not (base / "config.json").exists():
-            get_family("musicgen-melody").save_tiny(str(base))
+        _step(f"4/7 tiny {family} base (save_pretrained folder)")
+        base = workdir / "models" / f"{family}-tiny"
+        if not base.exists() or not any(base.iterdir()):
+            get_family(family).save_tiny(str(base))
         console.print(str(base))
 
         _step("5/7 prepare: shards into s3:// (ray job submit)")
-        shards = "s3://musiclora/shards/musicgen-melody/demo"
+        shards = f"s3://musiclora/shards/{family}/demo"
         prep = submit(ray_head, [str(REPO / "ray_jobs/prepare.py"), "--config",
-                                 str(REPO / "ray_jobs/configs/prepare_musicgen_melody_tiny.yaml"),
+                                 str(REPO / "ray_jobs/configs" / spec.prepare_config),
                                  f"metadata={metadata}", f"base={base}", f"output_url={shards}"], out / "prepare.log")
 
         _step("6/7 LoRA training: 2 Ray Train workers, DeepSpeed ZeRO-2 (ray job submit)")
@@ -99,7 +132,7 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         if steps:
             overrides.append(f"optim.max_steps={steps}")
         trained = submit(ray_head, [str(REPO / "ray_jobs/train.py"), "--config",
-                                    str(REPO / "ray_jobs/configs/musicgen_melody_tiny.yaml"), *overrides],
+                                    str(REPO / "ray_jobs/configs" / spec.train_config), *overrides],
                          out / "train.log")
 
         _step("7/7 generate with and without the adapter")
@@ -107,9 +140,13 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
 
         adapter = trained["adapter_url"]
         with_adapter = generate(PROMPT, str(out / "demo_adapter.wav"), adapter=adapter, duration_s=4.0)
-        base_only = generate(PROMPT, str(out / "demo_base.wav"), family="musicgen-melody", base=str(base),
-                             duration_s=4.0)
-        plain = subprocess.run([sys.executable, str(REPO / "examples/plain_peft_load.py"), str(base), adapter],
+        base_only = generate(PROMPT, str(out / "demo_base.wav"), family=family, base=str(base), duration_s=4.0)
+        from_reference = None
+        if spec.reference_clip:
+            clip = _reference_clip(corpus.metadata_path, out / "reference.wav")
+            from_reference = generate("", str(out / "demo_reference.wav"), adapter=adapter, duration_s=4.0,
+                                      reference=clip)
+        plain = subprocess.run([sys.executable, str(REPO / "examples" / spec.plain_check), str(base), adapter],
                                capture_output=True, text=True, env={**os.environ, **store.env()})
         console.print(plain.stdout.strip() or plain.stderr[-2000:], markup=False, highlight=False)
 
@@ -123,6 +160,9 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         table.add_row("adapter", f"{adapter}/ (adapter_config.json, adapter_model.safetensors, card.json, loss.png)")
         table.add_row("audio (adapter)", f"{with_adapter['wav']} + {with_adapter['png']}")
         table.add_row("audio (base)", f"{base_only['wav']} + {base_only['png']}")
+        if from_reference:
+            table.add_row("audio (reference)", f"{from_reference['wav']} + {from_reference['png']} "
+                                               f"from {from_reference['reference']}")
         table.add_row("logs", f"{out / 'prepare.log'}, {out / 'train.log'}")
         console.print(table)
         ok = trained["last_loss_mean"] < trained["first_loss_mean"] and plain.returncode == 0
@@ -133,3 +173,18 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         _step("stopping what the demo started")
         ray_head.stop()
         store.stop()
+
+
+def _reference_clip(metadata_path, out_wav: Path, start_s: float = 30.0, duration_s: float = 10.0) -> str:
+    """Cut `duration_s` seconds (from `start_s`, or the start of a shorter track) of the corpus's
+    first track into a 16-bit WAV to condition generation on; returns its path."""
+    import soundfile as sf
+
+    from musiclora.data.audio import load_audio, to_mono
+
+    first = json.loads(Path(metadata_path).read_text().splitlines()[0])
+    wav, sr = load_audio(first["path"])
+    mono = to_mono(wav)
+    start = int(start_s * sr) if mono.size > int((start_s + duration_s) * sr) else 0
+    sf.write(str(out_wav), mono[start : start + int(duration_s * sr)], sr, subtype="PCM_16")
+    return str(out_wav)

@@ -72,7 +72,10 @@ class LocalRay:
             self.token_file.write_text(secrets.token_hex(32))
             self.token_file.chmod(0o600)
         env = {**os.environ, **(extra_env or {}), **self.env()}
-        env.pop("RAY_ADDRESS")
+        # Ray processes that call ray.init() without an address (Train V2's placement-group
+        # cleaner, job drivers) must find this cluster even when others run on the host.
+        env["RAY_ADDRESS"] = self.address
+        env.setdefault("RAY_DEDUP_LOGS", "0")  # progress lines differ only in numbers: keep every one
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         cmd = [
             ray_bin, "start", "--head", "--block", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",

@@ -5,17 +5,19 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
-def plot_losses(losses: list[float], path: str, title: str = "training loss") -> str:
-    """Save a loss-per-step curve (raw and a 5-step moving average) as PNG; returns `path`."""
+def plot_losses(losses: list[float], path: str, title: str = "training loss", val: list | None = None) -> str:
+    """Save a loss-per-step curve (raw, 5-step moving average, validation points) as PNG; returns `path`."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, alpha=0.4, label="loss")
     if len(losses) >= 5:
         ax.plot(steps[4:], np.convolve(losses, np.ones(5) / 5, mode="valid"), label="5-step mean")
+    if val:
+        ax.plot([v[0] for v in val], [v[1] for v in val], "o-", label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(title, fontsize=9)

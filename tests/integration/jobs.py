@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+SHARDS = "s3://musiclora-it/shards/musicgen-melody/corpus"
+SHARDS_WITH_VAL = "s3://musiclora-it/shards/musicgen-melody/corpus-val"
 
 
 def submit(cluster, script: str, *args: str, timeout_s: float = 600) -> tuple[int, str, dict | None]:

@@ -11,32 +11,9 @@ import pytest
 
 from musiclora.storage import get_fs, open_url
 
-from .jobs import REPO, submit
+from .jobs import REPO, SHARDS, submit
 
 pytestmark = pytest.mark.integration
-SHARDS = "s3://musiclora-it/shards/musicgen-melody/corpus"
-
-
-@pytest.fixture(scope="module")
-def corpus_metadata():
-    from musiclora.data.corpus import build_corpus
-
-    info = build_corpus("demo", cache_dir=REPO / ".musiclora" / "cache" / "corpus", max_tracks=4)
-    assert info.num_tracks >= 2
-    return str(info.metadata_path)
-
-
-@pytest.fixture(scope="module")
-def shards(ray_cluster, s3_store, corpus_metadata, tiny_musicgen_dir):
-    os.environ.update(s3_store.env())
-    rc, out, result = submit(
-        ray_cluster, "ray_jobs/prepare.py", "--config", "ray_jobs/configs/prepare_musicgen_melody_tiny.yaml",
-        f"metadata={corpus_metadata}", f"base={tiny_musicgen_dir}", f"output_url={SHARDS}",
-        "segment_s=4.0", "max_segments_per_track=4", "samples_per_shard=4",
-    )
-    assert rc == 0, out[-4000:]
-    assert result["num_samples"]["train"] >= 8
-    return result
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -81,21 +81,41 @@ def _base_folder(source: str) -> str:
     return os.path.dirname(os.path.abspath(source))
 
 
-def _decode_lines(raw: bytes, source: str) -> list[str]:
-    """Decode UTF-8 (a BOM is allowed) line by line so an error can name its line."""
+class _Rows:
+    """Collects row problems: raises the first one (strict) or records it as a skip (lenient)."""
+
+    def __init__(self, source: str, lenient: bool) -> None:
+        self.source, self.lenient = source, lenient
+        self.tracks: list[TrackMeta] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def problem(self, message: str, path: str | None = None, cause: Exception | None = None) -> None:
+        if not self.lenient:
+            raise ValueError(f"{self.source}: {message}") from cause
+        self.skipped.append({"path": path or self.source, "reason": f"metadata {self.source}: {message}"})
+
+
+def _decode_lines(raw: bytes, source: str, rows: _Rows) -> tuple[list[str], set[int]]:
+    """Decode UTF-8 (a BOM is allowed) line by line so an error can name its line.
+
+    Returns the lines (undecodable ones decoded with U+FFFD replacements) and the numbers of the
+    undecodable lines; in strict mode the first undecodable line raises instead.
+    """
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    lines = raw.split(b"\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
+    out, bad = [], set()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"{source}: line {number} is not valid UTF-8 (byte {exc.start}: {line[exc.start : exc.start + 1]!r}); "
-                "save the metadata file as UTF-8"
-            ) from exc
-    return out
+            if not rows.lenient:
+                raise ValueError(
+                    f"{source}: line {number} is not valid UTF-8 (byte {exc.start}: {line[exc.start : exc.start + 1]!r}); "
+                    "save the metadata file as UTF-8"
+                ) from exc
+            out.append(line.decode("utf-8", errors="replace"))
+            bad.add(number)
+    return out, bad
 
 
 def _make_track(row: dict, base: str, source: str, where: str) -> TrackMeta:
@@ -111,40 +131,69 @@ def _make_track(row: dict, base: str, source: str, where: str) -> TrackMeta:
     return track
 
 
-def _parse_jsonl(lines: list[str], base: str, source: str) -> list[TrackMeta]:
-    tracks = []
+def _add_row(rows: _Rows, row: dict, base: str, where: str, undecodable: bool) -> None:
+    path = row.get("path")
+    path = _resolve(str(path), base) if isinstance(path, str) and path.strip() else None
+    if undecodable:
+        rows.problem(f"{where} is not valid UTF-8 (a caption or other field); save the metadata file as UTF-8", path)
+        return
+    try:
+        rows.tracks.append(_make_track(row, base, rows.source, where))
+    except ValueError as exc:
+        rows.problem(str(exc).removeprefix(f"{rows.source}: "), path, exc)
+
+
+def _parse_jsonl(lines: list[str], bad: set[int], base: str, rows: _Rows) -> None:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: line {number} is not valid JSON ({exc.msg})") from exc
+            rows.problem(f"line {number} is not valid JSON ({exc.msg})", cause=exc)
+            continue
         if not isinstance(row, dict):
-            raise ValueError(f"{source}: line {number} is a JSON {type(row).__name__}, expected an object")  # noqa: TRY004
-        tracks.append(_make_track(row, base, source, f"line {number}"))
-    return tracks
+            rows.problem(f"line {number} is a JSON {type(row).__name__}, expected an object")
+            continue
+        _add_row(rows, row, base, f"line {number}", number in bad)
 
 
-def _parse_csv(lines: list[str], base: str, source: str) -> list[TrackMeta]:
+def _parse_csv(lines: list[str], bad: set[int], base: str, rows: _Rows) -> None:
     reader = csv.DictReader(io.StringIO("\n".join(lines)))
     columns = [c.strip() for c in reader.fieldnames or []]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
+    if missing:  # a file-level mistake: no row can be right, so even lenient loading stops
         raise ValueError(
-            f"{source}: missing required column {', '.join(repr(c) for c in missing)} (header has {columns})"
+            f"{rows.source}: missing required column {', '.join(repr(c) for c in missing)} (header has {columns})"
         )
-    tracks = []
     for row in reader:
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue
         clean = {(k or "").strip(): v for k, v in row.items() if k is not None}
-        tracks.append(_make_track(clean, base, source, f"line {reader.line_num}"))
-    return tracks
+        _add_row(rows, clean, base, f"line {reader.line_num}", reader.line_num in bad)
+
+
+def _read_metadata(source: str, lenient: bool) -> _Rows:
+    from musiclora.storage import open_url
+
+    with open_url(source, "rb") as f:
+        raw = f.read()
+    rows = _Rows(source, lenient)
+    lines, bad = _decode_lines(raw, source, rows)
+    base = _base_folder(source)
+    suffix = posixpath.splitext(source.lower())[1]
+    first = next((line.lstrip() for line in lines if line.strip()), "")
+    if suffix in _JSONL_SUFFIXES or (suffix != ".csv" and first.startswith("{")):
+        _parse_jsonl(lines, bad, base, rows)
+    else:
+        _parse_csv(lines, bad, base, rows)
+    if not rows.tracks and not rows.skipped:
+        raise ValueError(f"{source}: holds no tracks")
+    return rows
 
 
 def load_metadata(path_or_url: str | os.PathLike) -> list[TrackMeta]:
-    """Read a metadata file of tracks and captions.
+    """Read a metadata file of tracks and captions, strictly: the first bad row raises.
 
     The format comes from the suffix: ``.jsonl`` / ``.ndjson`` / ``.json`` (one JSON object a
     line) or ``.csv`` (header row; empty optional cells are None). Other suffixes are sniffed:
@@ -160,24 +209,63 @@ def load_metadata(path_or_url: str | os.PathLike) -> list[TrackMeta]:
 
     Raises:
         FileNotFoundError: if the file does not exist.
+        StorageError: the store holding it is unreachable, refuses the keys or lacks the bucket.
         ValueError: naming the file (and line or column) if it is not UTF-8, has a malformed
             row, lacks the ``path`` or ``caption`` column, has an invalid value (e.g. bpm <= 0),
             or holds no tracks.
     """
-    source = os.fspath(path_or_url)
-    with fsspec.open(source, "rb") as f:
-        raw = f.read()
-    lines = _decode_lines(raw, source)
-    base = _base_folder(source)
-    suffix = posixpath.splitext(source.lower())[1]
-    first = next((line.lstrip() for line in lines if line.strip()), "")
-    if suffix in _JSONL_SUFFIXES or (suffix != ".csv" and first.startswith("{")):
-        tracks = _parse_jsonl(lines, base, source)
-    else:
-        tracks = _parse_csv(lines, base, source)
-    if not tracks:
-        raise ValueError(f"{source}: holds no tracks")
-    return tracks
+    return _read_metadata(os.fspath(path_or_url), lenient=False).tracks
+
+
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.ndjson")
+
+
+def load_tracks(source: str | os.PathLike) -> tuple[list[TrackMeta], list[dict[str, str]]]:
+    """Read `prepare`'s input leniently: a metadata file, or a folder (local or bucket) of audio.
+
+    A bad row does not stop the load: it is returned as a skip naming the metadata file, the
+    line and the problem (no path or caption, a bad value, not UTF-8, not JSON). A folder is read
+    through its ``metadata.jsonl`` / ``metadata.csv`` when it has one, else scanned for audio
+    files (captions from the file and folder names, see `scan_folder`); in a scanned folder,
+    files without an audio suffix are returned as skips too.
+
+    Args:
+        source: a metadata file or a folder, as a local path or fsspec URL.
+
+    Returns:
+        (tracks in file order with absolute paths, skips as {"path", "reason"} dicts).
+
+    Raises:
+        FileNotFoundError: `source` does not exist.
+        StorageError: the store is unreachable, refuses the keys or lacks the bucket.
+        ValueError: a file-level problem: a CSV header without ``path`` or ``caption``, a folder
+            with no audio files, or a file that holds no rows at all.
+    """
+    from musiclora.storage import storage_errors
+
+    source = os.fspath(source)
+    fs, root = fsspec.core.url_to_fs(source)
+    with storage_errors(source):
+        if not fs.exists(root):
+            raise FileNotFoundError(f"input not found: {source!r} (expected a metadata file or a folder of audio)")
+        is_dir = fs.isdir(root)
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)} if is_dir else set()
+    if not is_dir:
+        rows = _read_metadata(source, lenient=True)
+        return rows.tracks, rows.skipped
+    for name in METADATA_NAMES:
+        if name in names:
+            sep = "" if source.endswith("/") else "/"
+            return load_tracks(f"{source}{sep}{name}")
+    tracks = scan_folder(source)
+    local = isinstance(fs, LocalFileSystem)
+    skipped = [
+        {"path": os.path.abspath(p) if local else fs.unstrip_protocol(p),
+         "reason": f"not an audio file (suffix {posixpath.splitext(p)[1] or 'none'!r}; expected one of {sorted(AUDIO_SUFFIXES)})"}
+        for p in sorted(fs.find(root))
+        if posixpath.splitext(p)[1].lower() not in AUDIO_SUFFIXES
+    ]  # fmt: skip
+    return tracks, skipped
 
 
 def title_from_filename(path: str | os.PathLike) -> str:

@@ -255,19 +255,22 @@ def load_audioldm(base: str, dtype: torch.dtype = torch.float32, revision: str |
 
 
 def audioldm_skeleton(base: str, revision: str | None = None) -> AudioLDM:
-    """The UNet module tree from `<base>/unet/config.json` on the meta device (no weights read).
+    """UNet and VAE module trees from `<base>/{unet,vae}/config.json` on the meta device (no weights
+    read): enough to check LoRA targets and the feature spec before any worker starts.
 
     Raises:
-        ValueError: the UNet config cannot be read.
+        ValueError: a config cannot be read (names it).
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    try:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ValueError(f"cannot read the UNet config of AudioLDM base {base!r} (unet/config.json) ({exc})") from exc
+    configs = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        try:
+            configs[name] = cls.load_config(base, subfolder=name, revision=revision)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ValueError(f"cannot read the {name} config of AudioLDM base {base!r} ({name}/config.json) ({exc})") from exc
     with torch.device("meta"):
-        return AudioLDM(UNet2DConditionModel.from_config(config))
+        return AudioLDM(UNet2DConditionModel.from_config(configs["unet"]), AutoencoderKL.from_config(configs["vae"]))
 
 
 def load_clap_audio(source: dict[str, Any]):

@@ -125,8 +125,14 @@ class ModelFamily(ABC):
         seed: int = 0,
         melody: np.ndarray | None = None,
         melody_sample_rate: int | None = None,
+        steps: int | None = None,
     ) -> tuple[np.ndarray, int]:
-        """Generate audio; returns (float32 waveform [L], sample_rate in Hz)."""
+        """Generate audio; returns (float32 waveform [L], sample_rate in Hz).
+
+        `melody` / `melody_sample_rate` are the conditioning audio, float mono [L] at its rate in Hz:
+        MusicGen-Melody takes its chroma, AudioLDM its CLAP audio embedding (a reference clip).
+        `steps` is the number of denoising steps of diffusion families (others ignore it).
+        """
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens in a batch, for the tokens/s metric (0 when the family has no tokens)."""
@@ -142,6 +148,16 @@ class ModelFamily(ABC):
             base.enable_gradient_checkpointing()
         else:
             raise ValueError(f"{type(base).__name__} has no gradient checkpointing switch")
+
+    def configure(self, options: dict[str, Any] | None) -> ModelFamily:
+        """Apply family-specific `model.options` (validated by the family); returns self.
+
+        Raises:
+            ValueError: options given to a family that takes none (names them).
+        """
+        if options:
+            raise ValueError(f"model.options: family {self.name!r} takes no options, got {sorted(options)}")
+        return self
 
     def target_modules(self, preset: str, explicit: list[str] | None = None) -> list[str]:
         """peft `target_modules` for a preset name, or the explicit list when given.

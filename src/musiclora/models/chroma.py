@@ -6,9 +6,12 @@ chroma filter bank (`transformers.audio_utils.chroma_filter_bank`), then keeps o
 strongest pitch class per frame (one-hot). torchaudio cannot be installed beside torch 2.13, so
 this module reproduces the same steps with `torch.stft`:
 
+    x     = x[:30 s]; zero-padded symmetrically to n_fft when shorter  (the extractor's pad/truncate)
     spec  = |STFT(x, hann(n_fft), hop, center, reflect)|² / Σ hann²      (torchaudio normalized=True)
     raw   = filters @ spec                                              [12, T_c]
     chroma= one_hot(argmax_c raw / max_c raw)                           [T_c, 12]
+
+`raw_chroma` returns the step before the argmax so tests can compare numbers, not only one-hots.
 
 Source: transformers/models/musicgen_melody/feature_extraction_musicgen_melody.py
 (`_torch_extract_fbank_features`), torchaudio.functional.spectrogram.
@@ -53,31 +56,65 @@ def power_spectrogram(wav: torch.Tensor, n_fft: int = N_FFT, hop_length: int = H
     return stft.abs().pow(2.0)
 
 
-def melody_chroma(wav: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """One-hot melody chroma exactly as MusicGen-Melody's feature extractor computes it.
-
-    Args:
-        wav: float mono waveforms at `sample_rate` Hz, shape [B, L] or [L].
-        sample_rate: must be the model's rate (32 kHz for facebook/musicgen-melody); resample first.
-
-    Returns:
-        float32 one-hot chroma, shape [B, T_c, 12] ([T_c, 12] for a 1-D input), at
-        sample_rate / 4096 frames per second (7.8125 Hz at 32 kHz).
-
-    Raises:
-        ValueError: empty input or more than 2 dimensions.
-    """
+def _prepare_input(wav: torch.Tensor | np.ndarray, sample_rate: int, max_length_s: float | None) -> tuple[torch.Tensor, bool]:
     x = torch.as_tensor(wav, dtype=torch.float32)
     squeeze = x.dim() == 1
     if squeeze:
         x = x[None]
     if x.dim() != 2 or x.shape[-1] == 0:
         raise ValueError(f"melody_chroma: expected a waveform [B, L] or [L] with L > 0, got shape {tuple(x.shape)}")
+    if max_length_s is not None:  # the extractor truncates to chunk_length (30 s) of samples
+        x = x[:, : int(round(max_length_s * sample_rate))]
     if x.shape[-1] < N_FFT:  # the extractor pads short inputs symmetrically to n_fft
         pad = N_FFT - x.shape[-1]
         x = torch.nn.functional.pad(x, (pad // 2, pad // 2 + pad % 2))
-    spec = power_spectrogram(x)
-    raw = torch.einsum("cf,bft->bct", chroma_filters(sample_rate), spec)
+    return x, squeeze
+
+
+def raw_chroma(
+    wav: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE, max_length_s: float | None = 30.0
+) -> torch.Tensor:
+    """Chroma energies before the one-hot step: filter bank times the normalised power spectrogram.
+
+    Args:
+        wav: float mono waveforms at `sample_rate` Hz, shape [B, L] or [L].
+        sample_rate: the model's rate in Hz (32 kHz for facebook/musicgen-melody).
+        max_length_s: keep only the first seconds, as the extractor's `chunk_length` (30 s) does;
+            None keeps everything.
+
+    Returns:
+        float32 energies, shape [B, 12, T_c] ([12, T_c] for a 1-D input), T_c = L' // 4096 + 1
+        for the (truncated or padded) length L'; bin 0 is C.
+
+    Raises:
+        ValueError: empty input or more than 2 dimensions.
+    """
+    x, squeeze = _prepare_input(wav, sample_rate, max_length_s)
+    raw = torch.einsum("cf,bft->bct", chroma_filters(sample_rate), power_spectrogram(x))
+    return raw[0] if squeeze else raw
+
+
+def melody_chroma(
+    wav: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE, max_length_s: float | None = 30.0
+) -> torch.Tensor:
+    """One-hot melody chroma exactly as MusicGen-Melody's feature extractor computes it.
+
+    Args:
+        wav: float mono waveforms at `sample_rate` Hz, shape [B, L] or [L].
+        sample_rate: must be the model's rate (32 kHz for facebook/musicgen-melody); resample first.
+        max_length_s: see `raw_chroma` (the extractor's 30 s `chunk_length`).
+
+    Returns:
+        float32 one-hot chroma, shape [B, T_c, 12] ([T_c, 12] for a 1-D input), at
+        sample_rate / 4096 frames per second (7.8125 Hz at 32 kHz); bin 0 is C.
+
+    Raises:
+        ValueError: empty input or more than 2 dimensions.
+    """
+    raw = raw_chroma(wav, sample_rate, max_length_s)
+    squeeze = raw.dim() == 2
+    if squeeze:
+        raw = raw[None]
     norm = torch.nn.functional.normalize(raw, p=float("inf"), dim=-2, eps=1e-6).transpose(1, 2)
     one_hot = torch.zeros_like(norm).scatter_(-1, norm.argmax(-1, keepdim=True), 1.0)
     return one_hot[0] if squeeze else one_hot

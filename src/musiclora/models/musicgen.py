@@ -239,13 +239,14 @@ class MusicgenMelodyFamily(ModelFamily):
     @torch.no_grad()
     def generate(
         self, model, tokenizer, prompt: str, duration_s: float, guidance_scale: float = 3.0, seed: int = 0,
-        melody: np.ndarray | None = None, melody_sample_rate: int | None = None,
+        melody: np.ndarray | None = None, melody_sample_rate: int | None = None, steps: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """Sample audio for `prompt` (top-k 250 sampling, classifier-free guidance as MusicGen).
 
         Args:
             melody: optional float mono waveform [L] whose chroma conditions the melody.
             melody_sample_rate: its rate in Hz (resampled to 32 kHz here).
+            steps: ignored (autoregressive: one step per frame).
 
         Returns:
             (float32 waveform [L], 32000).

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from musiclora.models.audioldm import AudioLDMFamily
 from musiclora.models.base import ModelFamily
 from musiclora.models.musicgen import MusicgenMelodyFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     "musicgen-melody": MusicgenMelodyFamily,
+    "audioldm": AudioLDMFamily,
 }
 
 

@@ -18,9 +18,11 @@ from typing import Any
 from musiclora.adapters import CARD, check_targets, upload_dir
 from musiclora.config import TrainConfig
 from musiclora.data.shards import MANIFEST, load_manifest
+from musiclora.models.base import Loaded
 from musiclora.models.registry import get_family
 from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, pyarrow_fs
-from musiclora.train.loop import STATE, train_loop_per_worker
+from musiclora.train.checkpoint import BEST, STATE
+from musiclora.train.loop import train_loop_per_worker
 
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
@@ -43,7 +45,8 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """
     try:
         family = get_family(cfg.model.family)
-        targets = check_targets(family.lora_root(family.skeleton(cfg.model.base, cfg.model.revision)), family, cfg.adapter)
+        skeleton = family.skeleton(cfg.model.base, cfg.model.revision)
+        targets = check_targets(family.lora_root(skeleton), family, cfg.adapter)
     except ValueError as exc:
         raise PreflightError(f"model/adapter: {exc}") from None
     try:
@@ -55,6 +58,15 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
             f"data.shards_url: shards at {cfg.data.shards_url} were prepared for family {manifest.get('family')!r}, "
             f"not {family.name!r}"
         )
+    expected = family.feature_spec(Loaded(skeleton, None, cfg.model.base, family.name))
+    for key, value in expected.items():
+        if key != "fields" and manifest.get("feature_spec", {}).get(key) != value:
+            raise PreflightError(
+                f"data.shards_url: shards were prepared with {key}={manifest.get('feature_spec', {}).get(key)!r} but "
+                f"model {cfg.model.base!r} expects {value!r}; re-run `musiclora prepare` with this base model"
+            )
+    if cfg.run.eval_every and not manifest["num_samples"].get("val"):
+        raise PreflightError("run.eval_every is set but the shards have no 'val' split (prepare with val_fraction > 0)")
     need = cfg.run.num_workers * cfg.data.batch_size
     if manifest["num_samples"]["train"] < need:
         raise PreflightError(
@@ -76,12 +88,16 @@ def _check_writable(key: str, url: str) -> None:
             f.write(b"ok")
         fs, path = get_fs(probe)
         fs.rm(path)
-    except Exception as exc:  # any storage failure is the same answer for the user
+    except Exception as exc:  # noqa: BLE001 - any storage failure is the same answer for the user
         raise PreflightError(f"{key}: cannot write to {url} ({exc})") from None
 
 
-def build_trainer(cfg: TrainConfig):
-    """A `TorchTrainer` running `train_loop_per_worker` with the run's scaling and storage."""
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+    """A `TorchTrainer` running `train_loop_per_worker` with the run's scaling and storage.
+
+    Args:
+        callbacks: Ray Train user callbacks (e.g. Tune's `TuneReportCallback` inside a trial).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,7 +113,8 @@ def build_trainer(cfg: TrainConfig):
         run_config=RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # the last ones: resume + best/ inside
+            callbacks=callbacks or [],
         ),
     )
 
@@ -109,7 +126,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Preflight, train on the current Ray cluster, publish the adapter to `<adapters_url>/<name>/`.
 
     Returns:
@@ -120,7 +137,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     checks = preflight(cfg)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env()})
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")
     adapter_url = join_url(cfg.run.adapters_url, cfg.run.name)
@@ -134,6 +151,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 def build_card(cfg: TrainConfig, checks: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     """The adapter card: base model, family, LoRA settings, data manifest hash, training figures."""
     losses = state["losses"]
+    best = state.get("best")
     k = max(1, min(5, len(losses) // 4))
     return {
         "format": "musiclora-adapter/1",
@@ -149,17 +167,23 @@ def build_card(cfg: TrainConfig, checks: dict[str, Any], state: dict[str, Any]) 
             "steps": state["step"], "samples": state["samples"], "losses": losses,
             "first_loss_mean": sum(losses[:k]) / k, "last_loss_mean": sum(losses[-k:]) / k,
             "deepspeed": cfg.deepspeed.model_dump(), "num_workers": cfg.run.num_workers,
+            "val": state.get("val", []), "best": best, "stopped_early": state.get("stopped_early", False),
+            "selected": "best-by-validation" if best else "last",
         },
     }
 
 
 def publish_adapter(checkpoint_dir: str, url: str, card: dict[str, Any]) -> None:
-    """Copy the peft files of a checkpoint to `url`, with card.json and a loss-curve PNG."""
+    """Copy the peft files of a checkpoint to `url` (the best-by-validation tensors when the run
+    validated), with card.json and a loss-curve PNG."""
     from musiclora.plots import plot_losses
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            Path(tmp, name).write_bytes(Path(checkpoint_dir, name).read_bytes())
+        Path(tmp, "adapter_config.json").write_bytes(Path(checkpoint_dir, "adapter_config.json").read_bytes())
+        best = Path(checkpoint_dir, BEST, "adapter_model.safetensors")
+        chosen = best if card["training"]["best"] and best.exists() else Path(checkpoint_dir, "adapter_model.safetensors")
+        Path(tmp, "adapter_model.safetensors").write_bytes(chosen.read_bytes())
         Path(tmp, CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
-        plot_losses(card["training"]["losses"], str(Path(tmp, "loss.png")), title=f"LoRA training loss ({url})")
+        plot_losses(card["training"]["losses"], str(Path(tmp, "loss.png")), title=f"LoRA training loss ({url})",
+                    val=card["training"]["val"])
         upload_dir(tmp, url)

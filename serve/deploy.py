@@ -1,0 +1,127 @@
+"""Run serve/config.yaml with overrides, the way `serve run` does, and watch its replicas.
+
+Used by the integration test and `bench/serve.py`: they start `serve run <config>` as a
+subprocess (the real command) against a cluster, after `write_config` merged their overrides
+(ports, registry, limits, autoscaling delays) into serve/config.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "serve" / "config.yaml"
+APP = "musiclora"
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None = None,
+                 deployments: dict[str, dict[str, Any]] | None = None) -> Path:
+    """serve/config.yaml with the HTTP port, app `args` and per-deployment settings overridden.
+
+    Args:
+        path: where to write the merged YAML.
+        http_port: Serve's HTTP port on 127.0.0.1.
+        args: merged into the application's `args` (`models` replaces the list).
+        deployments: deployment name -> settings merged into that deployment's entry (added if new).
+    """
+    config = yaml.safe_load(CONFIG.read_text())
+    config["http_options"]["port"] = http_port
+    app = config["applications"][0]
+    app["args"] = merge(app["args"], args or {})
+    entries = {d["name"]: d for d in app.get("deployments", [])}
+    for name, over in (deployments or {}).items():
+        entries[name] = merge(entries.get(name, {"name": name}), over)
+    app["deployments"] = list(entries.values())
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    return Path(path)
+
+
+class ServeRun:
+    """`serve run CONFIG` as a subprocess (repository root as cwd), stopped with Ctrl-C.
+
+    Args:
+        config: the YAML to run.
+        address: the Ray cluster's GCS address.
+        env: extra environment (Ray auth variables ...).
+        log: file for the command's output.
+    """
+
+    def __init__(self, config: str | Path, address: str, env: dict[str, str] | None = None,
+                 log: str | Path | None = None):
+        self.config, self.address, self.env = str(config), address, env or {}
+        self.log = Path(log or Path(config).with_suffix(".log"))
+        self.proc: subprocess.Popen | None = None
+        self.port = yaml.safe_load(Path(config).read_text())["http_options"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> ServeRun:
+        """Start and wait until the ingress answers GET /healthz (model replicas may still be starting).
+
+        Raises:
+            RuntimeError: not up within `timeout_s` (the log's tail is included).
+        """
+        serve_bin = str(Path(sys.executable).with_name("serve"))
+        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+        env.pop("RAY_ADDRESS", None)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen([serve_bin, "run", "--address", self.address, self.config], cwd=REPO, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if _http_ok(self.url + "/healthz"):
+                return self
+            time.sleep(1.0)
+        tail = self.log.read_text(errors="replace")[-4000:]
+        self.stop()
+        raise RuntimeError(f"`serve run {self.config}` was not up within {timeout_s:.0f} s:\n{tail}")
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Ctrl-C (serve run then shuts Serve down), SIGKILL of its process group after `timeout_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def replicas(deployment: str, app: str = APP) -> dict[str, int]:
+    """Replica states of one deployment (`{"RUNNING": 2, "STARTING": 1}`); needs `ray.init` first."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    return {str(getattr(k, "value", k)): v for k, v in status.deployments[deployment].replica_states.items()}
+
+
+def _http_ok(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as r:
+            return r.status == 200 and json.loads(r.read()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False

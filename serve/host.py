@@ -1,0 +1,314 @@
+"""One base model held once, LoRA adapters attached and detached by id, requests run in groups.
+
+`ModelHost` is the model side of the service, used by the Ray Serve model deployment
+(`serve/app.py`) and by the in-process backend of the tests and the UI's local mode. It only talks
+to the family interface (`get_family(name).load / .generate / .lora_root`), so every family works
+the same way; `steps` is passed to a family's `generate` only when it takes `steps` (or
+`num_inference_steps`).
+
+Threading: every touch of the model (attaching, detaching, switching and running adapters)
+happens on the host's single `executor` thread, so one replica never runs two adapters at once;
+downloads from the registry run in the caller's thread. Adapters are peft named adapters on one
+`PeftModel` over the family's LoRA root, so the base weights are in memory once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from musiclora.registry import AdapterNotFoundError, Registry, parse_ref
+
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
+STEPS_PARAMS = ("steps", "num_inference_steps")
+
+
+class AdapterLoadError(RuntimeError):
+    """A registry adapter exists but cannot be loaded onto this base (shape or module mismatch)."""
+
+
+@dataclass
+class GenParams:
+    """One generation request as the model side sees it (plain data: it crosses Ray's wire).
+
+    Attributes:
+        prompt: text prompt.
+        duration_s: seconds of audio to generate.
+        guidance_scale: classifier-free guidance scale.
+        seed: torch seed; the same seed, adapter and params give the same audio.
+        steps: diffusion steps; None for the family default, ignored by families without steps.
+        melody: optional float32 mono waveform [L] conditioning the output (MusicGen melody, AudioLDM
+            reference audio).
+        melody_sample_rate: its rate in Hz.
+        audio_format: `wav` or `flac` (16-bit PCM either way).
+    """
+
+    prompt: str
+    duration_s: float = 2.0
+    guidance_scale: float = 3.0
+    seed: int = 0
+    steps: int | None = None
+    melody: np.ndarray | None = None
+    melody_sample_rate: int | None = None
+    audio_format: str = "wav"
+
+
+@dataclass
+class GenResult:
+    """Encoded audio and what was done.
+
+    Attributes:
+        audio: the encoded file (WAV or FLAC bytes, 16-bit PCM, mono).
+        media_type: `audio/wav` or `audio/flac`.
+        sample_rate: Hz.
+        num_samples: samples in the clip.
+        adapter: `name@version` used, or None for the base.
+        steps: the steps passed to the family, or None when the family takes none.
+        compute_s: seconds spent generating this clip.
+        group_size: requests for the same adapter run back to back with this one.
+    """
+
+    audio: bytes
+    media_type: str
+    sample_rate: int
+    num_samples: int
+    adapter: str | None
+    steps: int | None
+    compute_s: float
+    group_size: int
+
+
+def steps_param(family: Any) -> str | None:
+    """The name under which `family.generate` takes diffusion steps, or None when it takes none."""
+    params = inspect.signature(family.generate).parameters
+    return next((p for p in STEPS_PARAMS if p in params), None)
+
+
+def encode_audio(audio: np.ndarray, sample_rate: int, audio_format: str = "wav") -> tuple[bytes, str]:
+    """Encode a float waveform [L] (clipped to [-1, 1]) as 16-bit PCM WAV or FLAC.
+
+    Returns:
+        (file bytes, media type).
+
+    Raises:
+        ValueError: unknown `audio_format`.
+    """
+    import soundfile as sf
+
+    if audio_format not in MEDIA_TYPES:
+        raise ValueError(f"audio format {audio_format!r} is not supported; expected one of {sorted(MEDIA_TYPES)}")
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
+             format=audio_format.upper())
+    return buf.getvalue(), MEDIA_TYPES[audio_format]
+
+
+@dataclass
+class _Attached:
+    internal: str  # peft adapter name (peft names may not contain '.', registry names may)
+    cached: bool = True  # held by the replica's LRU cache
+    refs: int = 0  # requests queued or running with it
+
+
+class ModelHost:
+    """A base model of one family plus the registry adapters attached to it.
+
+    Args:
+        family: model family name (`get_family`).
+        base: base model id, folder or `tiny`.
+        registry_url: adapter registry root (default: `default_registry_url()`).
+        revision: hub revision of the base.
+        torch_threads: intra-op threads for torch (None: torch's default).
+    """
+
+    def __init__(self, family: str, base: str, registry_url: str | None = None, revision: str | None = None,
+                 torch_threads: int | None = None):
+        import torch
+
+        from musiclora.models.registry import get_family
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.family = get_family(family)
+        self.base = base
+        self.loaded = self.family.load(base, revision=revision)
+        self.registry = Registry(registry_url)
+        self.steps_param = steps_param(self.family)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.family.name}")
+        self._peft = None
+        self._attached: dict[str, _Attached] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+
+    # ------------------------------------------------------------------ adapters
+
+    def fetch(self, adapter_id: str) -> str:
+        """Download `name@version` of this host's family into a fresh temp folder; returns the folder.
+
+        Raises:
+            InvalidReferenceError: `adapter_id` is not `name@version`.
+            AdapterNotFoundError: not in the registry under this family.
+        """
+        ref = parse_ref(adapter_id)
+        if ref.version is None:
+            raise AdapterNotFoundError(f"adapter id {adapter_id!r} names no version; expected name@version")
+        version = self.registry.resolve(ref, family=self.family.name)
+        return self.registry.download(version, tempfile.mkdtemp(prefix="musiclora-serve-"))
+
+    def attach(self, adapter_id: str, local_dir: str) -> None:
+        """Attach a downloaded adapter (model thread only; use `load` from elsewhere). Deletes `local_dir`.
+
+        Raises:
+            AdapterLoadError: peft cannot put it on this base.
+        """
+        try:
+            with self._lock:
+                state = self._attached.get(adapter_id)
+                if state is not None:
+                    state.cached = True
+                    return
+                self._counter += 1
+                internal = f"adapter{self._counter}"
+            self._load_into_peft(internal, local_dir, adapter_id)
+            with self._lock:
+                self._attached[adapter_id] = _Attached(internal)
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    def _load_into_peft(self, internal: str, local_dir: str, adapter_id: str) -> None:
+        from peft import PeftModel
+
+        try:
+            if self._peft is None:
+                root = self.family.lora_root(self.loaded.model)
+                self._peft = PeftModel.from_pretrained(root, local_dir, adapter_name=internal).eval()
+                if self.family.lora_root_attr:
+                    setattr(self.loaded.model, self.family.lora_root_attr, self._peft)
+            else:
+                self._peft.load_adapter(local_dir, adapter_name=internal)
+                self._peft.eval()
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise AdapterLoadError(
+                f"adapter {adapter_id} cannot be loaded onto {self.family.name} base {self.base!r}: {exc}"
+            ) from exc
+
+    def load_blocking(self, adapter_id: str) -> None:
+        """Fetch and attach from any thread except the executor's (blocks until attached)."""
+        local = self.fetch(adapter_id)
+        self.executor.submit(self.attach, adapter_id, local).result()
+
+    def uncache(self, adapter_id: str) -> None:
+        """The cache let go of `adapter_id`: detach it once no queued request holds it (thread-safe)."""
+        with self._lock:
+            state = self._attached.get(adapter_id)
+            if state is None:
+                return
+            state.cached = False
+            idle = state.refs == 0
+        if idle:
+            self.executor.submit(self._detach_if_unused, adapter_id)
+
+    def hold(self, adapter_id: str) -> None:
+        """Mark one queued request for `adapter_id` (keeps it attached until `run` is done with it).
+
+        Raises:
+            AdapterNotFoundError: not attached (load it first).
+        """
+        with self._lock:
+            state = self._attached.get(adapter_id)
+            if state is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
+            state.refs += 1
+
+    def attached(self) -> list[str]:
+        """Adapter ids attached now."""
+        with self._lock:
+            return list(self._attached)
+
+    def _detach_if_unused(self, adapter_id: str) -> None:
+        with self._lock:
+            state = self._attached.get(adapter_id)
+            if state is None or state.cached or state.refs:
+                return
+            del self._attached[adapter_id]
+        self._peft.delete_adapter(state.internal)
+
+    # ------------------------------------------------------------------ generation
+
+    def run(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
+        """Run requests grouped by adapter: one switch per adapter, its requests back to back.
+
+        Call on `executor` only. Every adapter id must have been `hold`-ed once per item; the holds
+        are released here. A failing request gives its exception in its slot; the others still run.
+
+        Returns:
+            one result (or exception) per item, in the order of `items`.
+        """
+        groups: OrderedDict[str | None, list[int]] = OrderedDict()
+        for i, (adapter_id, _) in enumerate(items):
+            groups.setdefault(adapter_id, []).append(i)
+        out: list[GenResult | Exception] = [RuntimeError("not run")] * len(items)
+        for adapter_id, idx in groups.items():
+            try:
+                with self._activate(adapter_id):
+                    for i in idx:
+                        out[i] = self._generate_one(adapter_id, items[i][1], len(idx))
+            except Exception as exc:  # noqa: BLE001 - the error goes back to the group's callers
+                for i in idx:
+                    if not isinstance(out[i], GenResult):
+                        out[i] = exc
+            finally:
+                if adapter_id is not None:
+                    self._release(adapter_id, len(idx))
+        return out
+
+    def _release(self, adapter_id: str, n: int) -> None:
+        with self._lock:
+            state = self._attached.get(adapter_id)
+            if state is not None:
+                state.refs -= n
+        self._detach_if_unused(adapter_id)
+
+    @contextlib.contextmanager
+    def _activate(self, adapter_id: str | None):
+        if adapter_id is None:
+            if self._peft is not None and self._peft.peft_config:
+                with self._peft.disable_adapter():
+                    yield
+            else:
+                yield
+            return
+        with self._lock:
+            state = self._attached.get(adapter_id)
+        if state is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
+        self._peft.set_adapter(state.internal)
+        yield
+
+    def _model(self):
+        if self._peft is not None and not self.family.lora_root_attr:
+            return self._peft
+        return self.loaded.model
+
+    def _generate_one(self, adapter_id: str | None, p: GenParams, group_size: int) -> GenResult:
+        kwargs: dict[str, Any] = {}
+        if self.steps_param and p.steps is not None:
+            kwargs[self.steps_param] = p.steps
+        start = time.perf_counter()
+        audio, sr = self.family.generate(self._model(), self.loaded.tokenizer, p.prompt, p.duration_s,
+                                         p.guidance_scale, p.seed, p.melody, p.melody_sample_rate, **kwargs)
+        compute_s = time.perf_counter() - start
+        data, media_type = encode_audio(audio, sr, p.audio_format)
+        return GenResult(data, media_type, int(sr), len(audio), adapter_id,
+                         p.steps if self.steps_param else None, compute_s, group_size)

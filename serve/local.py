@@ -1,0 +1,86 @@
+"""The API without Ray: `ModelHost`s in this process behind the same FastAPI app.
+
+For tests, the web page's development and a laptop: `python -m serve.local --base tiny --port 33080`.
+Production runs `serve run serve/config.yaml` (serve/app.py), which adds multiplexing across
+replicas, batching and autoscaling around the same `ModelHost` and API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import OrderedDict
+
+from musiclora.registry import AdapterVersion
+from serve.api import ApiSettings, Limits, ServedModel, build_api
+from serve.host import GenParams, GenResult, ModelHost
+
+
+class LocalBackend:
+    """Runs requests on in-process `ModelHost`s, with an LRU of `max_adapters` adapters per host.
+
+    Args:
+        hosts: served model name -> its host.
+        max_adapters: adapters kept attached per host.
+    """
+
+    def __init__(self, hosts: dict[str, ModelHost], max_adapters: int = 4):
+        self.hosts, self.max_adapters = hosts, max_adapters
+        self._lru: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in hosts}
+        self._locks = {name: asyncio.Lock() for name in hosts}
+
+    async def _ensure(self, model: str, adapter_id: str) -> None:
+        host, lru = self.hosts[model], self._lru[model]
+        async with self._locks[model]:
+            if adapter_id in lru:
+                lru.move_to_end(adapter_id)
+                return
+            local = await asyncio.to_thread(host.fetch, adapter_id)
+            await asyncio.get_running_loop().run_in_executor(host.executor, host.attach, adapter_id, local)
+            lru[adapter_id] = None
+            while len(lru) > self.max_adapters:
+                host.uncache(lru.popitem(last=False)[0])
+
+    async def generate(self, model: str, adapter: AdapterVersion | None, params: GenParams) -> GenResult:
+        """Generate one clip on `model`'s host (see `serve.api.Backend`)."""
+        host = self.hosts[model]
+        adapter_id = adapter.ref if adapter else None
+        if adapter_id:
+            await self._ensure(model, adapter_id)
+            host.hold(adapter_id)
+        [result] = await asyncio.get_running_loop().run_in_executor(host.executor, host.run, [(adapter_id, params)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def build_local_api(models: list[ServedModel], registry_url: str | None = None, limits: Limits | None = None,
+                    api_key: str | None = None, torch_threads: int | None = None, max_adapters: int = 4):
+    """A FastAPI app serving `models` from this process (each base loaded once here)."""
+    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads) for m in models}
+    settings = ApiSettings(models=models, registry_url=registry_url, limits=limits or Limits(), api_key=api_key)
+    return build_api(LocalBackend(hosts, max_adapters), settings)
+
+
+def main() -> None:
+    import argparse
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="Serve the musiclora API from this process (no Ray).")
+    p.add_argument("--family", default="musicgen-melody")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--name", default=None, help="model name in the API (default: the family)")
+    p.add_argument("--registry", default=None, help="registry root URL (default: $MUSICLORA_REGISTRY_URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=33080)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args()
+    model = ServedModel(name=a.name or a.family, family=a.family, base=a.base, base_aliases=["*"])
+    app = build_local_api([model], a.registry, api_key=os.environ.get("MUSICLORA_API_KEY") or None,
+                          torch_threads=a.threads)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""Evaluate an adapter against its base: generate on the same prompts and seeds, score, report.
+
+Three entry points, from the most to the least packaged:
+
+- `evaluate(adapter, prompts, reference, out_dir)`: what `musiclora evaluate` runs. Base and
+  adapter clips, every metric of `musiclora.eval.scoring`, and the report (report.md,
+  report.html, metrics.json, WAVs, spectrogram PNGs) in `out_dir`.
+- `evaluate_adapter(adapter, prompts, reference) -> dict[str, float]`: the Tune objective. The
+  adapter's flat metrics (`clap_score`, `kad`, `fad`, `kad_<embedder>`, `mel_mse`, ...), to hand
+  to `ray.train.report` / `tune.report`; with `include_base=True` also `base_<name>` and
+  `delta_<name>` (adapter minus base). Tune settings: `tune.metric: kad, mode: min` or
+  `tune.metric: clap_score, mode: max`::
+
+      from musiclora.eval.evaluate import evaluate_adapter
+
+      def trainable(config):
+          adapter_url = train_one(config)              # however the run publishes its adapter
+          ray.train.report(evaluate_adapter(adapter_url, "prompts.jsonl", "s3://bucket/shards/val-set",
+                                            embedders=("clap", "encodec")))
+
+- `Evaluator`: the reusable core for periodic evaluation inside a training loop. Build it once
+  before the loop (it loads the reference clips, embeds them, embeds the prompts), then call it
+  on the live model every N steps; it switches the model to eval mode and back, and forks the
+  torch RNG so the training's random stream is untouched::
+
+      evaluator = build_evaluator(family, loaded, load_prompts("prompts.jsonl", duration_s=4.0),
+                                  "s3://bucket/shards/val-set", embedders=("clap",), music=False)
+      ...
+      if rank == 0 and step % eval_every == 0:      # ZeRO-2 / DDP: every rank holds full weights
+          metrics.update({f"eval/{k}": v for k, v in evaluator(engine.module, loaded.tokenizer).items()})
+      ray.train.report(metrics)
+
+  Under ZeRO-3 the parameters are partitioned: gather them (`deepspeed.zero.GatheredParameters`)
+  on every rank around the call, or evaluate the saved checkpoint with `evaluate_adapter` instead.
+  `music=False` skips the pYIN-based metrics, the slowest part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from musiclora.data.audio import resample
+from musiclora.eval import scoring
+from musiclora.eval.inputs import PromptSpec, ReferenceSet, check_prompts, load_prompts, load_reference
+from musiclora.models.base import Loaded, ModelFamily
+
+DEFAULT_EMBEDDERS = ("clap", "encodec", "crepe-tiny")
+"""KAD/FAD embedders by default: CLAP audio, the base model's EnCodec latents, pretrained CREPE-tiny."""
+
+
+def load_clap_bundle(clap: str = "tiny"):
+    """The CLAP model for the CLAP score and the "clap" embedder: "tiny" (random, 16 kHz) or a hub id / folder."""
+    from musiclora.eval.embeddings import build_tiny_clap, load_clap
+
+    return build_tiny_clap(seed=0, sample_rate=16000, max_length_s=1) if clap == "tiny" else load_clap(clap)
+
+
+def build_embedders(names: Sequence[str], clap_bundle, codec: nn.Module | None = None, clap_name: str = "clap"):
+    """Resolve embedder specs to embedders, keyed by metric suffix (see `scoring.metric_key`).
+
+    Specs: "clap" (audio tower of `clap_bundle`), "encodec" (`codec`, the base model's own
+    EnCodec), "encodec:<hub id or folder>" (a standalone EncodecModel), or any name of
+    `musiclora.eval.embeddings.EMBEDDERS` ("crepe-tiny", "mel-stats", ...).
+
+    Raises:
+        ValueError: empty list, unknown name, repeated name, or "encodec" without a codec.
+        ModuleNotFoundError: "crepe-*" without torchcrepe installed (the message says how).
+    """
+    from musiclora.eval.embeddings import ClapAudioEmbedder, EncodecEmbedder, build_embedder, load_encodec
+
+    if not names:
+        raise ValueError("embedders: need at least one (e.g. clap, encodec, crepe-tiny)")
+    out = {}
+    for name in names:
+        if name == "clap":
+            emb = ClapAudioEmbedder(clap_bundle.model, clap_bundle.feature_extractor, name=clap_name)
+        elif name == "encodec":
+            if codec is None:
+                raise ValueError("embedder 'encodec': this family's model has no EnCodec; use encodec:<hub id>")
+            emb = EncodecEmbedder(codec, name="encodec")
+        elif name.startswith("encodec:"):
+            emb = load_encodec(name.split(":", 1)[1])
+        else:
+            emb = build_embedder(name)
+        key = scoring.metric_key(name)
+        if key in out:
+            raise ValueError(f"embedder {name!r} listed twice")
+        out[key] = emb
+    return out
+
+
+def _codec_of(loaded: Loaded) -> nn.Module | None:
+    """The model's EnCodec (`audio_encoder` of MusicGen) when it has one."""
+    codec = getattr(loaded.model, "audio_encoder", None)
+    return codec if codec is not None and hasattr(codec, "encoder") else None
+
+
+def codes_decoder(codec: nn.Module):
+    """Function int codes [K, T] -> float32 mono audio [L] through `codec` (a transformers EncodecModel)."""
+
+    def decode(codes: np.ndarray) -> np.ndarray:
+        c = torch.as_tensor(np.asarray(codes, dtype=np.int64))[None, None]  # [1 chunk, 1, K, T]
+        with torch.inference_mode():
+            audio = codec.decode(c, [None]).audio_values  # [1, C, L]
+        return audio[0].float().mean(dim=0).numpy()
+
+    return decode
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Evaluator:
+    """Generates clips for fixed prompts and scores them against a fixed reference set.
+
+    Reference embeddings, CLAP text embeddings and embedders are computed once here, so calling
+    it repeatedly (periodic evaluation, Tune trials in one process) only pays for generation
+    and the generated side of the metrics.
+
+    Attributes:
+        family: the model family (generates audio).
+        prompts: at least 2 prompts (KAD/FAD need 2 clips).
+        reference: the reference clips, at `family.sample_rate`.
+        clap: the CLAP bundle (model, feature extractor, tokenizer).
+        embedders: metric key -> embedder for KAD/FAD; the first gives `kad` / `fad`.
+        duration_s: seconds generated per prompt.
+        guidance_scale: classifier-free guidance.
+        music: compute the pYIN-based music-theory metrics (slowest part).
+    """
+
+    family: ModelFamily
+    prompts: list[PromptSpec]
+    reference: ReferenceSet
+    clap: Any
+    embedders: dict[str, Any]
+    duration_s: float = 4.0
+    guidance_scale: float = 3.0
+    music: bool = True
+    _ref_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _text_emb: np.ndarray | None = field(default=None, repr=False)
+    _ref_music: list[dict[str, float | None]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from musiclora.eval.embeddings import ClapTextEmbedder
+
+        check_prompts(self.prompts)
+        if self.reference.sample_rate != self.family.sample_rate:
+            raise ValueError(
+                f"reference is at {self.reference.sample_rate} Hz but {self.family.name} generates at "
+                f"{self.family.sample_rate} Hz; load it with sample_rate={self.family.sample_rate}"
+            )
+        self._ref_emb = self.embed(self.reference.wavs)
+        self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)([p.text for p in self.prompts])
+
+    @property
+    def sample_rate(self) -> int:
+        return self.family.sample_rate
+
+    def embed(self, wavs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed clips at `sample_rate` with every embedder (resampled to each one's rate)."""
+        out = {}
+        for key, emb in self.embedders.items():
+            out[key] = emb([resample(w, self.sample_rate, emb.sample_rate) for w in wavs])
+        return out
+
+    def generate(self, model: nn.Module, tokenizer: Any) -> list[np.ndarray]:
+        """One clip per prompt, float32 [round(duration_s * sample_rate)], each with the prompt's seed."""
+        n = int(round(self.duration_s * self.sample_rate))
+        clips = []
+        with _eval_mode(model):
+            for p in self.prompts:
+                audio, sr = self.family.generate(
+                    model, tokenizer, p.text, self.duration_s, self.guidance_scale, p.seed, p.melody,
+                    p.melody_sample_rate,
+                )
+                audio = resample(audio, sr, self.sample_rate) if sr != self.sample_rate else audio
+                clips.append(np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32))
+        return clips
+
+    def score(self, clips: list[np.ndarray]) -> scoring.SetScores:
+        """All metrics of one generated set (one clip per prompt, at `sample_rate`)."""
+        if len(clips) != len(self.prompts):
+            raise ValueError(f"{len(clips)} clips for {len(self.prompts)} prompts")
+        gen_emb = self.embed(clips)
+        clap_audio = self._clap_audio(clips)
+        per_clip, errors = [], []
+        for i, (p, wav) in enumerate(zip(self.prompts, clips)):
+            row: dict[str, float | None] = {"clap_score": scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]}
+            err: dict[str, str] = {}
+            row.update(scoring.reference_distances(wav, self.reference.wavs, self.sample_rate))
+            if self.music:
+                values, problems = scoring.music_scores(wav, self.sample_rate)
+                for name in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency"):
+                    row[name] = values.get(name)
+                err.update(problems)
+            if p.melody is not None:
+                row["chroma_cosine"], problem = scoring.chroma_or_none(p.melody, p.melody_sample_rate, wav, self.sample_rate)
+                if problem:
+                    err["chroma_cosine"] = problem
+            per_clip.append(row)
+            errors.append(err)
+        result = scoring.aggregate(per_clip, errors)
+        result.metrics = {"clap_score": result.metrics.pop("clap_score"), **scoring.distribution_scores(self._ref_emb, gen_emb), **result.metrics}
+        return result
+
+    def _clap_audio(self, clips: list[np.ndarray]) -> np.ndarray:
+        from musiclora.eval.embeddings import ClapAudioEmbedder
+
+        emb = next((e for e in self.embedders.values() if isinstance(e, ClapAudioEmbedder) and e.model is self.clap.model), None)
+        emb = emb or ClapAudioEmbedder(self.clap.model, self.clap.feature_extractor)
+        return emb([resample(w, self.sample_rate, emb.sample_rate) for w in clips])
+
+    def reference_music(self) -> list[dict[str, float | None]]:
+        """Music-theory metrics of each reference clip (computed once), for the report's context column."""
+        if self._ref_music is None:
+            self._ref_music = []
+            for wav in self.reference.wavs:
+                values, _ = scoring.music_scores(wav, self.sample_rate)
+                self._ref_music.append({k: values.get(k) for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")})
+        return self._ref_music
+
+    def __call__(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        """Generate with `model` and return the flat metrics (the Tune / periodic-evaluation dict)."""
+        return self.score(self.generate(model, tokenizer)).metrics
+
+
+def build_evaluator(
+    family: ModelFamily,
+    loaded: Loaded,
+    prompts: list[PromptSpec],
+    reference: str | ReferenceSet,
+    clap: str = "tiny",
+    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
+    duration_s: float = 4.0,
+    guidance_scale: float = 3.0,
+    max_reference_clips: int = 32,
+    reference_split: str | None = None,
+    music: bool = True,
+) -> Evaluator:
+    """Build an `Evaluator` from names: CLAP model id, embedder specs, reference URL or set.
+
+    Args:
+        family / loaded: the family and its loaded base model (its codec serves "encodec").
+        prompts: the prompts (see `load_prompts`).
+        reference: shards URL, audio folder or file, or an already loaded `ReferenceSet`.
+        clap: "tiny" or a CLAP hub id / folder (e.g. "laion/larger_clap_music").
+        embedders: embedder specs (see `build_embedders`).
+        duration_s: seconds per generated clip (also the reference clip length).
+        guidance_scale: classifier-free guidance for generation.
+        max_reference_clips: cap on reference clips.
+        reference_split: shards split (default "val" if present, else "train").
+        music: compute harmonic accuracy, melodic complexity, rhythmic inconsistency.
+
+    Raises:
+        ValueError / FileNotFoundError: as `load_reference`, `build_embedders`, `check_prompts`.
+    """
+    codec = _codec_of(loaded)
+    if not isinstance(reference, ReferenceSet):
+        reference = load_reference(
+            reference, family.sample_rate, duration_s, max_reference_clips, reference_split,
+            decode_codes=codes_decoder(codec) if codec is not None else None,
+        )
+    bundle = load_clap_bundle(clap)
+    return Evaluator(
+        family=family, prompts=prompts, reference=reference, clap=bundle,
+        embedders=build_embedders(embedders, bundle, codec, clap_name=f"clap-{clap}"),
+        duration_s=duration_s, guidance_scale=guidance_scale, music=music,
+    )
+
+
+@dataclass
+class Comparison:
+    """Base vs adapter on the same prompts and seeds.
+
+    Attributes:
+        evaluator: what generated and scored (prompts, reference, settings).
+        clips: "base" / "adapter" -> one float32 clip per prompt at `evaluator.sample_rate`.
+        scores: "base" / "adapter" -> their `SetScores`.
+        info: facts for the report (adapter, base, family, timings, settings).
+    """
+
+    evaluator: Evaluator
+    clips: dict[str, list[np.ndarray]]
+    scores: dict[str, scoring.SetScores]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def delta(self) -> dict[str, float]:
+        """Adapter minus base for every flat metric."""
+        base, adapter = self.scores["base"].metrics, self.scores["adapter"].metrics
+        return {k: adapter[k] - base[k] for k in adapter if k in base}
+
+
+def compare(evaluator: Evaluator, peft_model: nn.Module, tokenizer: Any, info: dict[str, Any] | None = None) -> Comparison:
+    """Generate and score with the adapter disabled (base) and enabled, same prompts and seeds.
+
+    Args:
+        peft_model: a peft `PeftModel` (its `disable_adapter()` gives the base model).
+
+    Raises:
+        TypeError: `peft_model` has no `disable_adapter` (not a peft model).
+    """
+    if not hasattr(peft_model, "disable_adapter"):
+        raise TypeError(f"compare needs a peft PeftModel, got {type(peft_model).__name__}")
+    timings: dict[str, float] = {}
+    clips: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    with peft_model.disable_adapter():
+        clips["base"] = evaluator.generate(peft_model, tokenizer)
+    clips["adapter"] = evaluator.generate(peft_model, tokenizer)
+    timings["generate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = {name: evaluator.score(c) for name, c in clips.items()}
+    timings["score_s"] = time.perf_counter() - t0
+    return Comparison(evaluator, clips, scores, info={**(info or {}), "timings": timings})
+
+
+def _load_with_adapter(adapter: str, base: str | None, family: str | None):
+    from musiclora.adapters import load_adapter, read_card
+    from musiclora.models.registry import get_family
+
+    card = read_card(adapter)
+    family = family or card.get("family") or "musicgen-melody"
+    base = base or card.get("base_model")
+    if not base:
+        raise ValueError(f"evaluate: no base model given and the adapter card at {adapter} names none (pass base)")
+    fam = get_family(family)
+    loaded = fam.load(base)
+    return fam, loaded, load_adapter(loaded.model, adapter), {"adapter": adapter, "base": base, "family": family}
+
+
+def _prompts(prompts: str | os.PathLike | list[PromptSpec], duration_s: float) -> list[PromptSpec]:
+    return load_prompts(prompts, duration_s=duration_s) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+
+
+def evaluate(
+    adapter: str,
+    prompts: str | os.PathLike | list[PromptSpec],
+    reference: str | ReferenceSet,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    clap: str = "tiny",
+    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
+    duration_s: float = 4.0,
+    guidance_scale: float = 3.0,
+    max_reference_clips: int = 32,
+    reference_split: str | None = None,
+    music: bool = True,
+) -> Comparison:
+    """Base vs adapter on the prompts, scored against the reference; the report goes to `out_dir`.
+
+    Args:
+        adapter: peft adapter folder (path or URL); its card.json names family and base.
+        prompts: prompts JSONL path/URL or a list of `PromptSpec`.
+        reference: shards URL, audio folder or file, or a `ReferenceSet`.
+        out_dir: where report.md, report.html, metrics.json, audio/ and spectrograms/ go (None: no report).
+        base / family: override the card's base model and family.
+        clap, embedders, duration_s, guidance_scale, max_reference_clips, reference_split, music:
+            as `build_evaluator`.
+
+    Returns:
+        The `Comparison` (clips, per-clip and flat scores for base and adapter).
+
+    Raises:
+        ValueError / FileNotFoundError: bad adapter, prompts, reference or embedder, each named.
+    """
+    t0 = time.perf_counter()
+    fam, loaded, peft_model, info = _load_with_adapter(adapter, base, family)
+    specs = _prompts(prompts, duration_s)
+    evaluator = build_evaluator(
+        fam, loaded, specs, reference, clap, embedders, duration_s, guidance_scale, max_reference_clips,
+        reference_split, music,
+    )
+    info.update(clap=clap, embedders=list(embedders), duration_s=duration_s, guidance_scale=guidance_scale)
+    result = compare(evaluator, peft_model, loaded.tokenizer, info)
+    result.info["timings"]["total_s"] = time.perf_counter() - t0
+    if out_dir is not None:
+        from musiclora.eval.report import write_report
+
+        result.info["files"] = write_report(result, out_dir)
+    return result
+
+
+def evaluate_adapter(
+    adapter: str,
+    prompts: str | os.PathLike | list[PromptSpec],
+    reference: str | ReferenceSet,
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    clap: str = "tiny",
+    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
+    duration_s: float = 4.0,
+    guidance_scale: float = 3.0,
+    max_reference_clips: int = 32,
+    music: bool = True,
+    include_base: bool = False,
+) -> dict[str, float]:
+    """The Tune objective: the adapter's flat metrics (`clap_score`, `kad`, `fad`, `kad_clap`, `mel_mse`, ...).
+
+    Args:
+        adapter, prompts, reference, base, family, clap, embedders, duration_s, guidance_scale,
+            max_reference_clips, music: as `evaluate`.
+        include_base: also generate with the base; adds `base_<name>` and `delta_<name>`
+            (adapter minus base) for every metric. Doubles generation time.
+
+    Returns:
+        Metric name -> float; NaN where a metric is undefined for every clip.
+
+    Raises:
+        As `evaluate`.
+    """
+    fam, loaded, peft_model, _ = _load_with_adapter(adapter, base, family)
+    evaluator = build_evaluator(
+        fam, loaded, _prompts(prompts, duration_s), reference, clap, embedders, duration_s, guidance_scale,
+        max_reference_clips, None, music,
+    )
+    if not include_base:
+        return evaluator(peft_model, loaded.tokenizer)
+    result = compare(evaluator, peft_model, loaded.tokenizer)
+    out = dict(result.scores["adapter"].metrics)
+    out.update({f"base_{k}": v for k, v in result.scores["base"].metrics.items()})
+    out.update({f"delta_{k}": v for k, v in result.delta().items()})
+    return out

@@ -1,0 +1,183 @@
+"""Fit the tiny preset's EnCodec to real audio, so its codes and its decoded audio mean something.
+
+The `tiny` MusicGen-Melody preset is built from configs with random weights. transformers
+initialises `EncodecEuclideanCodebook.embed` to zeros, so every codebook entry is the same
+point: every frame quantises to code 0 and every code decodes to the same audio. A tiny base
+trained on such codes learns nothing about the music. EnCodec itself initialises its codebooks
+by k-means on the first training batch (audiocraft `quantization/core_vq.py`,
+`EuclideanCodebook.init_embed_` with `kmeans_init=True`); `fit_codebooks` does that, level by
+level of the residual quantiser. `fit_decoder` then trains the decoder alone to turn the
+quantised latents back into the audio (multi-resolution log-mel L1 + waveform L1, the
+reconstruction part of EnCodec's loss, without its adversarial terms), so generated codes
+decode to something with the spectral outline of the training audio.
+
+Both only make sense for the tiny preset; a pretrained codec is left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+MEL_FFTS = (512, 1024, 2048)
+
+
+def codebooks_degenerate(codec: nn.Module) -> bool:
+    """True if some residual-quantiser level has all its codebook entries equal (e.g. all zeros)."""
+    for layer in codec.quantizer.layers:
+        embed = layer.codebook.embed
+        if torch.all(embed == embed[:1]):
+            return True
+    return False
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with random-sample initialisation; empty clusters are re-seeded from the data.
+
+    Args:
+        x: float32 points, shape [N, D], N >= k.
+        k: number of centroids.
+        iters: Lloyd iterations.
+        seed: RNG seed for the initial and re-seeded centroids.
+
+    Returns:
+        float32 centroids, shape [k, D].
+
+    Raises:
+        ValueError: if N < k.
+    """
+    if x.shape[0] < k:
+        raise ValueError(f"kmeans: {x.shape[0]} points for {k} centroids")
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+        empty = int((~filled).sum())
+        if empty:
+            centroids[~filled] = x[torch.randint(0, x.shape[0], (empty,), generator=gen)]
+    return centroids
+
+
+@torch.no_grad()
+def _latents(codec: nn.Module, wavs: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Encoder latents of float32 clips [N, L] -> [N, D, T]."""
+    return torch.cat([codec.encoder(wavs[i : i + batch, None]) for i in range(0, wavs.shape[0], batch)])
+
+
+@torch.no_grad()
+def fit_codebooks(codec: nn.Module, wavs: torch.Tensor, entries: int = 256, iters: int = 20, seed: int = 0) -> dict:
+    """Set each residual-quantiser level's codebook by k-means on the residual latents of `wavs`.
+
+    Level q is fitted on what levels < q leave unexplained. Only `entries` distinct centroids
+    are fitted per level (a few minutes of audio cannot place 2048); the rest of the codebook
+    repeats them, and since quantisation takes the first of equal distances, the repeats are
+    never chosen.
+
+    Args:
+        codec: a transformers `EncodecModel` (its quantiser is overwritten in place).
+        wavs: float32 mono clips at the codec's rate, shape [N, L].
+        entries: distinct centroids per level, <= the codebook size.
+        iters: k-means iterations.
+        seed: k-means seed.
+
+    Returns:
+        {"frames": latent frames used, "entries": entries, "relative_residual": [per level
+        mean ||residual|| / mean ||latent|| after that level]}.
+
+    Raises:
+        ValueError: `entries` exceeds the codebook size or the number of latent frames.
+    """
+    z = _latents(codec, wavs)
+    points = z.permute(0, 2, 1).reshape(-1, z.shape[1]).float()
+    size = codec.quantizer.layers[0].codebook.embed.shape[0]
+    if not 0 < entries <= size:
+        raise ValueError(f"entries must be in [1, {size}], got {entries}")
+    residual, scale, ratios = points.clone(), float(points.norm(dim=1).mean()), []
+    for q, layer in enumerate(codec.quantizer.layers):
+        centroids = kmeans(residual, entries, iters, seed + q)
+        full = centroids[torch.arange(size) % entries]
+        cb = layer.codebook
+        cb.embed.copy_(full)
+        cb.embed_avg.copy_(full)
+        cb.cluster_size.fill_(1.0)
+        cb.inited.fill_(1.0)
+        residual = residual - centroids[torch.cdist(residual, centroids).argmin(dim=1)]
+        ratios.append(float(residual.norm(dim=1).mean()) / max(scale, 1e-12))
+    return {"frames": int(points.shape[0]), "entries": entries, "relative_residual": ratios}
+
+
+class MelLoss(nn.Module):
+    """Multi-resolution log-mel L1 (FFT sizes `MEL_FFTS`, hop n_fft / 4, 64 mel bands), mean over resolutions."""
+
+    def __init__(self, sample_rate: int, n_mels: int = 64):
+        super().__init__()
+        import librosa
+
+        for n_fft in MEL_FFTS:
+            bank = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)
+            self.register_buffer(f"mel_{n_fft}", torch.from_numpy(bank).float())
+            self.register_buffer(f"win_{n_fft}", torch.hann_window(n_fft))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """pred, target: float32 [B, L] -> scalar loss (natural-log units)."""
+        total = pred.new_zeros(())
+        for n_fft in MEL_FFTS:
+            bank, win = getattr(self, f"mel_{n_fft}"), getattr(self, f"win_{n_fft}")
+            spec = [torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs().pow(2) for x in (pred, target)]
+            total = total + (torch.log(bank @ spec[0] + 1e-5) - torch.log(bank @ spec[1] + 1e-5)).abs().mean()
+        return total / len(MEL_FFTS)
+
+
+def fit_decoder(
+    codec: nn.Module, wavs: torch.Tensor, steps: int = 200, batch_size: int = 8, crop_s: float = 1.0,
+    lr: float = 3e-3, seed: int = 0,
+) -> list[float]:
+    """Train the codec's decoder to reconstruct `wavs` from their quantised latents; the encoder stays fixed.
+
+    Args:
+        codec: a transformers `EncodecModel` with fitted codebooks (decoder weights updated in place).
+        wavs: float32 mono clips at the codec's rate, shape [N, L], L >= crop_s * rate.
+        steps: Adam steps.
+        batch_size: random crops per step.
+        crop_s: crop length in seconds (a multiple of the codec hop is used).
+        lr: Adam learning rate.
+        seed: seed of the crop sampler.
+
+    Returns:
+        The loss per step (multi-resolution log-mel L1 + waveform L1).
+    """
+    rate = int(codec.config.sampling_rate)
+    hop = int(np.prod(codec.config.upsampling_ratios))
+    crop = max(hop, int(crop_s * rate) // hop * hop)
+    with torch.no_grad():
+        codes = torch.cat([codec.encode(wavs[i : i + 16, None]).audio_codes[0] for i in range(0, wavs.shape[0], 16)])
+        quantized = codec.quantizer.decode(codes.transpose(0, 1))  # [N, D, T]
+    loss_fn = MelLoss(rate)
+    for p in codec.parameters():
+        p.requires_grad_(False)
+    params = list(codec.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    frames, losses = crop // hop, []
+    codec.decoder.train()
+    for _ in range(steps):
+        idx = torch.randint(0, wavs.shape[0], (batch_size,), generator=gen)
+        start = torch.randint(0, quantized.shape[-1] - frames + 1, (1,), generator=gen).item()
+        target = wavs[idx, start * hop : start * hop + crop]
+        pred = codec.decoder(quantized[idx, :, start : start + frames])[:, 0, : target.shape[-1]]
+        loss = loss_fn(pred, target) + (pred - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    for p in params:
+        p.requires_grad_(False)
+    codec.eval()
+    return losses

@@ -1,0 +1,382 @@
+"""AudioLDM (diffusers UNet + AutoencoderKL + CLAP + HiFi-GAN) as a musiclora family.
+
+Data: 16 kHz mono -> AudioLDM's log-mel (64 bands, hop 160) -> VAE posterior mean, stored as
+`latents.npy` [C, T', F'] with the CLAP text embedding of the caption and the CLAP audio embedding
+of the clip (or of a paired conditioning clip). Training: the latent-diffusion noise-prediction
+loss (epsilon or v, as the scheduler config says), the CLAP embedding entering the UNet's class
+embedding as in AudioLDM, caption dropout to the empty-prompt embedding so classifier-free guidance
+works. LoRA goes into the UNet only (`lora_root_attr = "unet"`), so an adapter is a plain UNet
+adapter. Generation runs the components directly (DDIM + CFG -> VAE decoder -> vocoder); nothing
+depends on diffusers' deprecated AudioLDMPipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from musiclora.models.audioldm_components import (
+    HOP_LENGTH,
+    N_MELS,
+    SAMPLE_RATE,
+    AudioLDM,
+    audioldm_skeleton,
+    clap_audio_embeddings,
+    clap_text_embeddings,
+    load_audioldm,
+    load_clap_audio,
+    mel_basis,
+    mel_frames_for,
+    normalize_waveform,
+    pad_frames,
+    save_audioldm,
+    waveform_to_log_mel,
+)
+from musiclora.models.audioldm_tiny import build_tiny_audioldm
+from musiclora.models.base import Loaded, ModelFamily, Segment
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_STEPS = 10
+"""Denoising steps when none are given (diffusers' AudioLDM default; the paper samples 200)."""
+MIN_REFERENCE_S = 0.1
+
+
+class AudioLDMOptions(BaseModel):
+    """`model.options` of an AudioLDM run.
+
+    Attributes:
+        caption_dropout: probability, per training sample, of replacing the conditioning embedding
+            by the empty-prompt CLAP embedding (AudioLDM trains with 0.1), so classifier-free
+            guidance has an unconditional model to contrast with.
+        condition: which stored CLAP embedding conditions training: `text` (of the caption) or
+            `audio` (of the clip itself, or of its paired conditioning clip such as a vocal stem).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    condition: Literal["text", "audio"] = "text"
+
+
+class AudioLDMFamily(ModelFamily):
+    """AudioLDM: VAE latents of the log-mel + CLAP embeddings -> LoRA on the UNet."""
+
+    name = "audioldm"
+    default_base = "cvssp/audioldm-s-full-v2"
+    default_segment_s = 10.24
+    """AudioLDM's training clip length (1024 mel frames)."""
+    sample_rate = SAMPLE_RATE
+    lora_root_attr = "unet"
+    lora_presets = {
+        "attn": list(ATTN),
+        # time_embedding.linear_1/2: the timestep MLP, the seed study's "temporal control" layers
+        "attn+time": ATTN + ["time_embedding.linear_1", "time_embedding.linear_2"],
+        # ff.net.2: each transformer block's output projection (its feed-forward's last linear)
+        "attn+out": ATTN + ["ff.net.2"],
+    }
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = AudioLDMOptions()
+        if options:
+            self.configure(options)
+
+    def configure(self, options: dict[str, Any]) -> AudioLDMFamily:
+        """Validate and apply `model.options` (see `AudioLDMOptions`); returns self.
+
+        Raises:
+            ValueError: an unknown key or a bad value (names `model.options.<key>`).
+        """
+        try:
+            self.options = AudioLDMOptions.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+            )
+            raise ValueError(f"invalid AudioLDM options: {problems}") from None
+        return self
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
+        if base == self.tiny_id:
+            model, tokenizer = build_tiny_audioldm()
+        else:
+            model, tokenizer = load_audioldm(base, torch.float32, revision)
+        model.extras["uncond"] = clap_text_embeddings(model.text_encoder, tokenizer, [""])[0]
+        return Loaded(model=model.to(dtype).eval(), tokenizer=tokenizer, base=base, family=self.name)
+
+    def skeleton(self, base: str, revision: str | None = None) -> nn.Module:
+        if base == self.tiny_id:
+            return build_tiny_audioldm()[0]
+        return audioldm_skeleton(base, revision)
+
+    def save_tiny(self, out_dir: str, seed: int = 0) -> str:
+        model, tokenizer = build_tiny_audioldm(seed)
+        return save_audioldm(model, tokenizer, out_dir)
+
+    def clap_audio(self, model: nn.Module):
+        """The CLAP audio embedder of a loaded model (loaded on first use, then cached)."""
+        inner = _container(model)
+        if inner.extras.get("clap_audio") is None:
+            inner.extras["clap_audio"] = load_clap_audio(inner.extras.get("source", {}))
+        return inner.extras["clap_audio"]
+
+    # ------------------------------------------------------------------ data
+
+    def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
+        model = _container(loaded.model)
+        return {
+            "family": self.name,
+            "codec": "audioldm-vae",
+            "codec_sample_rate": SAMPLE_RATE,
+            "mel": {"n_mels": N_MELS, "hop_length": HOP_LENGTH, "n_fft": 1024, "win_length": 1024, "fmin": 0,
+                    "fmax": 8000, "scale": "ln(max(mel(|STFT|), 1e-5))"},
+            "frame_rate": SAMPLE_RATE / HOP_LENGTH / model.vae_scale_factor,
+            "latent_channels": int(model.vae.config.latent_channels),
+            "vae_scale_factor": model.vae_scale_factor,
+            "clap_dim": int(_unet_config(model).projection_class_embeddings_input_dim),
+            "fields": {
+                "latents.npy": "float16 [C, T', F'] VAE posterior mean of the log-mel (unscaled)",
+                "clap_text.npy": "float32 [D] L2-normalised CLAP text embedding of the caption",
+                "clap_audio.npy": "float32 [D] L2-normalised CLAP audio embedding of the clip (or its cond_audio)",
+                "json": "caption, num_frames (valid latent frames), audio_embed_source, source, start_s, duration_s",
+            },
+        }
+
+    @torch.no_grad()
+    def encode_segments(self, loaded: Loaded, segments: list[Segment]) -> list[dict[str, Any]]:
+        """VAE latents of the log-mel, CLAP text and audio embeddings per segment.
+
+        A segment whose `meta` names `cond_audio` (a paired clip, e.g. the vocal stem of the same
+        track) gets that clip's CLAP audio embedding over the same window instead of its own.
+
+        Returns:
+            one WebDataset sample per segment: `__key__`, `latents.npy` (float16 [C, T', F']),
+            `clap_text.npy` / `clap_audio.npy` (float32 [D]) as .npy bytes, and `json`.
+
+        Raises:
+            AudioDecodeError / ValueError: a `cond_audio` file cannot be read or is silent.
+        """
+        model = _container(loaded.model)
+        factor = model.vae_scale_factor
+        wav = np.zeros((len(segments), len(segments[0].audio)), np.float32)
+        for i, seg in enumerate(segments):
+            wav[i, : seg.num_valid] = normalize_waveform(seg.audio[: seg.num_valid])
+        mel = pad_frames(waveform_to_log_mel(torch.from_numpy(wav), mel_basis()), factor)  # [B, T, 64]
+        vae_dtype = next(model.vae.parameters()).dtype
+        latents = model.vae.encode(mel[:, None].to(vae_dtype)).latent_dist.mode().float()  # [B, C, T/f, 64/f]
+        text = clap_text_embeddings(model.text_encoder, loaded.tokenizer, [s.caption for s in segments])
+        clips, sources = zip(*(_conditioning_clip(s) for s in segments))
+        audio = clap_audio_embeddings(self.clap_audio(model), list(clips))
+        out = []
+        for i, seg in enumerate(segments):
+            frames = math.ceil(seg.num_valid / HOP_LENGTH / factor)
+            meta = dict(seg.meta, caption=seg.caption, num_frames=frames, audio_embed_source=sources[i])
+            out.append({
+                "__key__": seg.key,
+                "latents.npy": _npy_bytes(latents[i].to(torch.float16).numpy()),
+                "clap_text.npy": _npy_bytes(text[i].numpy()),
+                "clap_audio.npy": _npy_bytes(audio[i].numpy()),
+                "json": meta,
+            })
+        return out
+
+    def collate(self, samples: list[dict[str, Any]], loaded: Loaded) -> dict[str, torch.Tensor]:
+        """Decoded samples -> `latents` [B, C, T', F'] float32 (unscaled), `valid` [B, T'] bool,
+        `cond` [B, D] float32 (text or audio CLAP embedding per `options.condition`) and `uncond`
+        [B, D] float32 (the empty prompt's embedding, for caption dropout)."""
+        latents = torch.stack([torch.as_tensor(s["latents.npy"].astype(np.float32)) for s in samples])
+        t = latents.shape[2]
+        frames = torch.tensor([min(int(s["json"]["num_frames"]), t) for s in samples])
+        valid = torch.arange(t)[None, :] < frames[:, None]
+        field = "clap_text.npy" if self.options.condition == "text" else "clap_audio.npy"
+        cond = torch.stack([torch.as_tensor(s[field].astype(np.float32)) for s in samples])
+        uncond = _container(loaded.model).extras["uncond"].float()[None].expand_as(cond).clone()
+        return {"latents": latents, "valid": valid, "cond": cond, "uncond": uncond}
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Valid latent frames in the batch (25 per second of audio), the analogue of codec tokens."""
+        return int(batch["valid"].sum())
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Latent-diffusion loss: MSE between the UNet's prediction and its target, padding masked.
+
+        x0 = latents * vae.scaling_factor; t ~ U{0, ..., N-1}; x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+        (the scheduler's `add_noise`); the target is eps for `prediction_type="epsilon"` and
+        v = sqrt(a_t) eps - sqrt(1 - a_t) x0 for "v_prediction" (Ho et al. 2020; Salimans & Ho
+        2022; diffusers `get_velocity`). While the model is in training mode each sample's
+        condition is replaced by the empty-prompt embedding with probability
+        `options.caption_dropout` (AudioLDM's unconditional_prob_cfg).
+
+        Args:
+            model: the `AudioLDM` module (or the DeepSpeed engine / wrapper around it).
+            batch: `collate` output.
+
+        Returns:
+            float32 scalar, the mean squared error over valid latent frames.
+
+        Raises:
+            ValueError: a scheduler `prediction_type` other than epsilon or v_prediction.
+        """
+        inner = _container(model)
+        sched = inner.scheduler
+        param = next(p for p in inner.unet.parameters())
+        x0 = batch["latents"].float() * float(inner.vae.config.scaling_factor)
+        b = x0.shape[0]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long)
+        noisy = sched.add_noise(x0, noise, t)
+        kind = sched.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = sched.get_velocity(x0, noise, t)
+        else:
+            raise ValueError(f"scheduler prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
+        cond = batch["cond"]
+        if model.training and self.options.caption_dropout > 0:
+            drop = torch.rand(b) < self.options.caption_dropout
+            cond = torch.where(drop[:, None], batch["uncond"], cond)
+        pred = model(noisy.to(param.device, param.dtype), t.to(param.device), class_labels=cond.to(param.device, param.dtype))
+        err = (pred.float() - target.to(param.device)) ** 2
+        mask = batch["valid"].to(param.device)[:, None, :, None].float()
+        return (err * mask).sum() / (mask.sum() * err.shape[1] * err.shape[3]).clamp_min(1.0)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self, model, tokenizer, prompt: str, duration_s: float, guidance_scale: float = 3.0, seed: int = 0,
+        melody: np.ndarray | None = None, melody_sample_rate: int | None = None, steps: int | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Sample audio from text or from a reference clip, with classifier-free guidance.
+
+        DDIM (eta 0) over `steps` steps from seeded Gaussian latents; guidance
+        eps = eps_u + w (eps_c - eps_u) against the empty prompt's embedding (Ho & Salimans 2022,
+        as diffusers' AudioLDMPipeline); then VAE decoder -> log-mel -> HiFi-GAN vocoder.
+
+        Args:
+            prompt: text prompt (its CLAP text embedding conditions); ignored when `melody` is given.
+            duration_s: seconds of audio to return (> 0); the latents cover it rounded up.
+            guidance_scale: w; values <= 1 switch guidance off.
+            seed: seed of the initial latents and the sampler.
+            melody: optional reference clip, float mono [L]: its CLAP audio embedding conditions
+                instead of the prompt (audio-to-music, e.g. a vocal take).
+            melody_sample_rate: the clip's rate in Hz.
+            steps: denoising steps (default `DEFAULT_STEPS`).
+
+        Returns:
+            (float32 waveform [round(duration_s * 16000)], 16000).
+
+        Raises:
+            ValueError: duration_s <= 0, steps < 1, or a reference clip that is silent, too short
+                (< 0.1 s) or has no sample rate.
+        """
+        if duration_s <= 0:
+            raise ValueError(f"duration_s must be > 0 seconds, got {duration_s}")
+        steps = DEFAULT_STEPS if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 denoising steps, got {steps}")
+        inner = _container(model)
+        param = next(p for p in inner.unet.parameters())
+        if melody is not None:
+            cond = self.reference_embedding(inner, melody, melody_sample_rate)
+        else:
+            cond = clap_text_embeddings(inner.text_encoder, tokenizer, [prompt])
+        uncond = inner.extras["uncond"].float()[None]
+        factor = inner.vae_scale_factor
+        frames = mel_frames_for(duration_s, factor)
+        sched = copy.deepcopy(inner.scheduler)
+        sched.set_timesteps(steps)
+        gen = torch.Generator().manual_seed(int(seed))
+        shape = (1, int(_unet_config(inner).in_channels), frames // factor, N_MELS // factor)
+        latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
+        guided = guidance_scale > 1.0
+        labels = (torch.cat([uncond, cond]) if guided else cond).to(param.device, param.dtype)
+        for t in sched.timesteps:
+            x = torch.cat([latents, latents]) if guided else latents
+            x = sched.scale_model_input(x, t)
+            step_t = torch.full((x.shape[0],), int(t), dtype=torch.long, device=param.device)
+            pred = inner(x.to(param.device, param.dtype), step_t, labels).float().cpu()
+            if guided:
+                pred_u, pred_c = pred.chunk(2)
+                pred = pred_u + guidance_scale * (pred_c - pred_u)
+            latents = sched.step(pred, t, latents, eta=0.0, generator=gen).prev_sample
+        vae_param = next(inner.vae.parameters())
+        z = (latents / float(inner.vae.config.scaling_factor)).to(vae_param.device, vae_param.dtype)
+        mel = inner.vae.decode(z).sample  # [1, 1, T, 64]
+        voc_param = next(inner.vocoder.parameters())
+        wav = inner.vocoder(mel[:, 0].to(voc_param.dtype))  # [1, T * 160]
+        return wav[0, : round(duration_s * SAMPLE_RATE)].float().cpu().numpy(), SAMPLE_RATE
+
+    def reference_embedding(self, model: nn.Module, audio: np.ndarray, sample_rate: int | None) -> torch.Tensor:
+        """CLAP audio embedding of a reference clip, float32 [1, D].
+
+        Raises:
+            ValueError: no sample rate, not mono, shorter than 0.1 s, or silent (below -60 dBFS).
+        """
+        from musiclora.data.audio import is_silent, resample
+
+        if not sample_rate:
+            raise ValueError("reference audio: its sample rate (melody_sample_rate) is required")
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"reference audio must be mono [L], got shape {audio.shape}")
+        if audio.size < MIN_REFERENCE_S * sample_rate:
+            raise ValueError(f"reference audio is {audio.size / sample_rate:.3f} s long; need at least {MIN_REFERENCE_S} s")
+        if is_silent(audio):
+            raise ValueError("reference audio is silent (RMS below -60 dBFS); give a clip with audible sound")
+        return clap_audio_embeddings(self.clap_audio(model), [resample(audio, int(sample_rate), SAMPLE_RATE)])
+
+
+def _conditioning_clip(seg: Segment) -> tuple[np.ndarray, str]:
+    """The clip whose CLAP audio embedding a segment stores, and where it came from."""
+    path = seg.meta.get("cond_audio")
+    if not path:
+        return seg.audio[: seg.num_valid], "clip"
+    from musiclora.data.audio import is_silent, load_audio, resample, to_mono
+    from musiclora.storage import open_url
+
+    with open_url(path, "rb") as f:
+        wav, sr = load_audio(f, name=path)
+    start = float(seg.meta.get("start_s", 0.0))
+    dur = seg.num_valid / SAMPLE_RATE
+    clip = resample(to_mono(wav)[int(start * sr) : int((start + dur) * sr)], sr, SAMPLE_RATE)
+    if clip.size == 0 or is_silent(clip):
+        raise ValueError(f"cond_audio {path}: silent or empty over {start:.2f}-{start + dur:.2f} s of segment {seg.key}")
+    return clip, f"cond_audio:{path}"
+
+
+def _unet_config(model: AudioLDM):
+    """The UNet's config, under a peft wrapper too."""
+    unet = model.unet
+    return unet.get_base_model().config if hasattr(unet, "get_base_model") else unet.config
+
+
+def _container(model: nn.Module) -> AudioLDM:
+    """The `AudioLDM` module under DeepSpeed / other wrappers.
+
+    Raises:
+        TypeError: no `AudioLDM` inside `model`.
+    """
+    seen = model
+    while not isinstance(seen, AudioLDM):
+        if not hasattr(seen, "module"):
+            raise TypeError(f"expected an AudioLDM model (or a wrapper of one), got {type(model).__name__}")
+        seen = seen.module
+    return seen
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

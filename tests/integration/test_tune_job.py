@@ -1,0 +1,94 @@
+"""Ray Tune through `ray job submit`: 4 trials, ASHA, registry, TensorBoard + MLflow, restore."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .jobs import REPO, SHARDS, submit
+
+pytestmark = pytest.mark.integration
+
+
+def _tune_args(tmp_path, tiny, name, extra=()):
+    return ["--config", "ray_jobs/configs/tune_musicgen_melody_tiny.yaml", f"name={name}",
+            f"storage_path=file://{tmp_path}/tune", f"registry_url=file://{tmp_path}/registry",
+            f"mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS}, data.batch_size=2, optim.max_steps=12, "
+            "run.checkpoint_every=6, run.log_every=2, run.storage_path=s3://musiclora-it/runs, "
+            "run.adapters_url=s3://musiclora-it/adapters]", *extra]
+
+
+def test_tune_search_asha_registry_dashboards(ray_cluster, s3_store, shards, tiny_musicgen_dir, tmp_path):
+    rc, out, result = submit(ray_cluster, "ray_jobs/tune.py", *_tune_args(tmp_path, tiny_musicgen_dir, "it-tune"),
+                             timeout_s=900)
+    assert rc == 0, out[-5000:]
+    from musiclora.registry import Registry
+    from musiclora.tune_report import load_summary, write_report
+
+    summary = load_summary(f"file://{tmp_path}/tune", "it-tune")
+    trials = summary["trials"]
+    assert len(trials) == 4
+    assert sum(t["stopped_early"] for t in trials) >= 1, trials  # ASHA cut at least one
+    best = summary["best"]
+    assert best["loss"] == min(t["loss"] for t in trials if not t["stopped_early"])
+    reg = Registry(f"file://{tmp_path}/registry")
+    shown = reg.show("musicgen-melody-tiny-tuned")
+    assert shown["card"]["tune"]["trial_id"] == best["trial_id"]
+    assert shown["card"]["adapter"]["r"] == best["adapter.r"]
+
+    # TensorBoard event files and MLflow runs hold every trial's curve
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = glob.glob(f"{tmp_path}/tune/it-tune/**/events.out.tfevents.*", recursive=True)
+    assert len({Path(e).parent for e in events}) == 4
+    for e in events:
+        acc = EventAccumulator(str(Path(e).parent))
+        acc.Reload()
+        assert any("loss" in tag for tag in acc.Tags()["scalars"])
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("it-tune")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4 and all(len(client.get_metric_history(r.info.run_id, "loss")) >= 1 for r in runs)
+
+    paths = write_report(summary, str(tmp_path / "report"))
+    assert Path(paths["markdown"]).read_text().count("| ") > 4 and Path(paths["adapter.r"]).stat().st_size > 1000
+
+
+def test_tune_restores_without_rerunning_finished_trials(ray_cluster, s3_store, shards, tiny_musicgen_dir, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, **ray_cluster.env()}
+    args = _tune_args(tmp_path, tiny_musicgen_dir, "it-restore", ["asha=null", "max_concurrent=1"])
+    sub = subprocess.run([ray_bin, "job", "submit", "--no-wait", "--address", ray_cluster.dashboard_url, "--",
+                          sys.executable, str(REPO / "ray_jobs/tune.py"), *args], env=env, capture_output=True,
+                         text=True, timeout=120)
+    job = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
+    deadline = time.time() + 600
+    finished: list[str] = []
+    while time.time() < deadline:
+        logs = subprocess.run([ray_bin, "job", "logs", "--address", ray_cluster.dashboard_url, job], env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+        finished = re.findall(r"Trial _trial_(\w+) completed", logs)
+        if len(finished) >= 1:
+            break
+        time.sleep(3)
+    assert finished, "no trial finished before the deadline"
+    subprocess.run([ray_bin, "job", "stop", "--address", ray_cluster.dashboard_url, job], env=env,
+                   capture_output=True, text=True, timeout=120)
+    rc, out, result = submit(ray_cluster, "ray_jobs/tune.py", *args, timeout_s=900)
+    assert rc == 0, out[-5000:]
+    assert "restoring Tune experiment" in out
+    rerun = set(re.findall(r"run it-restore-(\w+): LoRA", out))
+    assert not rerun & set(finished), (rerun, finished)
+    from musiclora.tune_report import load_summary
+
+    assert len(load_summary(f"file://{tmp_path}/tune", "it-restore")["trials"]) == 4
