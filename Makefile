@@ -30,3 +30,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .musiclora/outputs .pytest_cache
+
+# Issue 9: tiny base on one style of the bundled corpus, LoRA to a held-out style; held-out loss
+# and the evaluation metrics, base vs adapter, as Markdown (not part of `make test`; < 20 min on 2 cores).
+.PHONY: adaptation-table
+adaptation-table: $(STAMP)
+	$(VENV)/bin/python -m musiclora.eval_cli adaptation-table $(ADAPTATION_ARGS)

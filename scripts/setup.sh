@@ -14,6 +14,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
   else echo "setup: please install ${need_apt[*]} (apt-get)"; fi
 fi
+# chromium: the headless rendering check of the evaluation report (tests/integration/test_eval_report.py)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else echo "setup: please install chromium (apt-get) for the report rendering test"; fi
+fi
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3

@@ -34,7 +34,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None = None,
-                 deployments: dict[str, dict[str, Any]] | None = None) -> Path:
+                 deployments: dict[str, dict[str, Any]] | None = None, app: dict[str, Any] | None = None) -> Path:
     """serve/config.yaml with the HTTP port, app `args` and per-deployment settings overridden.
 
     Args:
@@ -42,15 +42,17 @@ def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None =
         http_port: Serve's HTTP port on 127.0.0.1.
         args: merged into the application's `args` (`models` replaces the list).
         deployments: deployment name -> settings merged into that deployment's entry (added if new).
+        app: other keys merged into the application entry (e.g. `runtime_env`).
     """
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = http_port
-    app = config["applications"][0]
-    app["args"] = merge(app["args"], args or {})
-    entries = {d["name"]: d for d in app.get("deployments", [])}
+    entry = merge(config["applications"][0], app or {})
+    entry["args"] = merge(entry["args"], args or {})
+    deps = {d["name"]: d for d in entry.get("deployments", [])}
     for name, over in (deployments or {}).items():
-        entries[name] = merge(entries.get(name, {"name": name}), over)
-    app["deployments"] = list(entries.values())
+        deps[name] = merge(deps.get(name, {"name": name}), over)
+    entry["deployments"] = list(deps.values())
+    config["applications"][0] = entry
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     return Path(path)
 
@@ -82,9 +84,9 @@ class ServeRun:
         serve_bin = str(Path(sys.executable).with_name("serve"))
         env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
         env.pop("RAY_ADDRESS", None)
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen([serve_bin, "run", "--address", self.address, self.config], cwd=REPO, env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([serve_bin, "run", "--address", self.address, self.config], cwd=REPO,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,14 +110,25 @@ class ServeRun:
             self.proc.wait(10)
 
 
-def replicas(deployment: str, app: str = APP) -> dict[str, int]:
-    """Replica states of one deployment (`{"RUNNING": 2, "STARTING": 1}`); needs `ray.init` first."""
-    from ray import serve
+def replicas(dashboard_url: str, token: str | None, deployment: str, app: str = APP) -> dict[str, Any]:
+    """A deployment's replicas from the dashboard's Serve REST API (no Ray driver needed).
 
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return {}
-    return {str(getattr(k, "value", k)): v for k, v in status.deployments[deployment].replica_states.items()}
+    Returns:
+        {"states": {"RUNNING": 2, ...}, "target": target replica count or None}; empty states
+        when the application or deployment is not there (yet).
+    """
+    req = urllib.request.Request(f"{dashboard_url}/api/serve/applications/",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=10) as r:
+        details = json.loads(r.read())
+    dep = (details.get("applications") or {}).get(app, {}).get("deployments", {}).get(deployment)
+    if not dep:
+        return {"states": {}, "target": None}
+    states: dict[str, int] = {}
+    for replica in dep["replicas"]:
+        states[replica["state"]] = states.get(replica["state"], 0) + 1
+    return {"states": states, "target": dep.get("target_num_replicas")}
 
 
 def _http_ok(url: str) -> bool:

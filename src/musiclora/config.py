@@ -154,8 +154,16 @@ class PrepareConfig(_Strict):
         hop_s: hop between segment starts in seconds (default: `segment_s`, no overlap).
         min_s: shortest tail segment kept (zero-padded, masked) in seconds.
         max_segments_per_track: cap per track (None: all).
-        samples_per_shard: samples written per `.tar` shard.
+        samples_per_shard: most samples written per `.tar` shard.
         val_fraction: share of tracks held out into `val-*.tar` shards.
+        seed: seeds the train/val split and the augmentation draws.
+        trim_db: leading/trailing silence threshold in dB below the loudest frame (None: no trim).
+        loudness_lufs: integrated loudness every track is normalised to (ITU-R BS.1770), LUFS.
+        augment_copies: augmented copies per track beside the original (0: no augmentation).
+        pitch_shift_semitones: largest |pitch shift| of a copy, whole semitones (0: off).
+        time_stretch: largest relative tempo change of a copy, e.g. 0.1 for +-10 % (0: off).
+        noise_snr_db: lowest signal-to-noise ratio of noise added to a copy, dB (None: off).
+        target_shard_mb: close a shard before it would pass this size in MB (None: count only).
     """
 
     family: str = "musicgen-melody"
@@ -169,6 +177,13 @@ class PrepareConfig(_Strict):
     samples_per_shard: int = Field(64, gt=0)
     val_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
+    trim_db: float | None = Field(40.0, gt=0)
+    loudness_lufs: float = Field(-14.0, lt=0)
+    augment_copies: int = Field(0, ge=0)
+    pitch_shift_semitones: int = Field(0, ge=0, le=12)
+    time_stretch: float = Field(0.0, ge=0, lt=0.5)
+    noise_snr_db: float | None = None
+    target_shard_mb: float | None = Field(None, gt=0)
 
     @field_validator("family")
     @classmethod

@@ -44,7 +44,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, s3_store, sh
                           sys.executable, str(REPO / "ray_jobs/train.py"), *args],
                          env={**os.environ, **ray_cluster.env()}, capture_output=True, text=True, timeout=120)
     job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
-    killed, deadline = None, time.time() + 400
+    killed, deadline = None, time.time() + 600
     while time.time() < deadline and killed is None:
         logs = _logs(ray_cluster, job_id)
         steps = [int(s) for s in re.findall(r"\[musiclora\] step (\d+)/40", logs)]
@@ -55,6 +55,7 @@ def test_sigkilled_worker_resumes_from_last_checkpoint(ray_cluster, s3_store, sh
         assert "FAILED" not in _status(ray_cluster, job_id)
         time.sleep(2)
     assert killed, "training never reached step 7"
+    deadline = time.time() + 900
     while time.time() < deadline and not re.search(r"SUCCEEDED|FAILED|STOPPED", _status(ray_cluster, job_id)):
         time.sleep(3)
     logs = _logs(ray_cluster, job_id)

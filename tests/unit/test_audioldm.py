@@ -22,6 +22,15 @@ from musiclora.models.registry import get_family
 SR = 16000
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def fam():
     return get_family("audioldm")

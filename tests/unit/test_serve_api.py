@@ -177,7 +177,8 @@ def test_bounded_queue_answers_429_with_retry_after(world):
             body = {"prompt": "calm piano", "duration_s": 1.0}
             return await asyncio.gather(*[c.post("/v1/generate", json=body, headers=AUTH) for _ in range(4)])
 
-    codes = [r.status_code for r in asyncio.run(burst())]
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
     assert sorted(set(codes)) == [200, 429], codes
-    r429 = [r for r in asyncio.run(burst()) if r.status_code == 429][0]
+    r429 = next(r for r in responses if r.status_code == 429)
     assert int(r429.headers["retry-after"]) >= 1 and "limit is 1" in json.loads(r429.content)["detail"]

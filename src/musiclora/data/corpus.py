@@ -1,15 +1,23 @@
-"""The bundled real corpus: produced music from Debian's music data packages.
+"""The bundled real corpus: produced music from Debian's music packages and scores rendered to audio.
 
-`musiclora corpus build` lands here. Each corpus is a list of Debian packages; each package is
-fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into a cache folder (nothing is
-installed on the system), its licence is read from the package's own
-``usr/share/doc/<package>/copyright``, and every track is decoded once to check it and measure it.
+`musiclora corpus build [--name NAME]` lands here. A corpus is a list of sources:
+
+- a Debian music data package (``singularity-music``, ``wesnoth-1.16-music``,
+  ``warzone2100-music``), fetched without installing it (`musiclora.data.debian`); every track is
+  decoded once to check and measure it; tags, an ``album.json`` beside the files (warzone2100's:
+  title, author, bpm per track) and the package's licence make its caption;
+- ``music21:<set>``: scores that ship inside the music21 package, rendered to audio with
+  FluidSynth and a General MIDI soundfont (`musiclora.data.scores`).
+
+Captions join the metadata with simple analysis (`musiclora.data.analysis`): instrumentation,
+key, metre and tempo in BPM from the score for rendered scores; for recorded tracks of at least
+10 s an estimated key (when the music is clearly tonal) and tempo, unless the metadata gives one.
+
 The result is a ``metadata.jsonl`` that `musiclora.data.metadata.load_metadata` reads like any
 user's metadata: one JSON object a line with ``path`` (absolute), ``caption``, ``title``,
 ``artist``, ``album``, ``genre``, ``licence``, ``licence_file``, ``source_package``,
-``duration_s``, ``sample_rate`` (Hz) and ``channels``.
-
-Needs Debian's ``apt-get`` and ``dpkg`` with package lists present (``apt-get update`` once).
+``duration_s``, ``sample_rate`` (Hz) and ``channels``, plus ``bpm``, ``key``, ``metre`` and
+``instruments`` where known.
 """
 
 from __future__ import annotations
@@ -18,28 +26,39 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 
+from musiclora.data.analysis import MIN_ANALYSIS_S, analyse_audio, describe_music
 from musiclora.data.audio import AudioDecodeError, is_silent, load_audio
+from musiclora.data.debian import DEFAULT_CACHE_DIR, PackageInfo, detect_licence, fetch_package
 from musiclora.data.metadata import AUDIO_SUFFIXES, title_from_filename
+
+__all__ = [
+    "CORPORA", "PACKAGE_STYLES", "DEFAULT_CACHE_DIR", "CorpusInfo", "PackageInfo", "build_caption", "build_corpus",
+    "corpus_info_to_dict", "describe_track", "detect_licence", "fetch_package", "find_audio_files", "read_tags",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-# Corpus name -> Debian packages, fetched in this order. Add corpora here
-# (e.g. "warzone2100-music", or packages of rendered MIDI scores).
+SCORES_PREFIX = "music21:"
+# Corpus name -> sources, built in this order: Debian packages, or "music21:<set>" (see scores.SCORE_SETS).
 CORPORA: dict[str, list[str]] = {
-    "demo": ["singularity-music", "wesnoth-1.16-music"],
+    # >= 30 min of three kinds of music (electronic, orchestral, rendered Baroque chorales).
+    "demo": ["singularity-music", "wesnoth-1.16-music", "music21:bach-chorales-demo"],
     "games": ["singularity-music", "wesnoth-1.16-music", "warzone2100-music"],
-}
+    "scores": ["music21:bach-chorales", "music21:madrigals", "music21:piano"],
+    "full": [
+        "singularity-music", "wesnoth-1.16-music", "warzone2100-music",
+        "music21:bach-chorales", "music21:string-quartets", "music21:madrigals", "music21:piano",
+    ],
+}  # fmt: skip
 
 # Package -> style phrase that leads each caption (and is the genre when the tags have none).
 PACKAGE_STYLES: dict[str, str] = {
@@ -47,43 +66,8 @@ PACKAGE_STYLES: dict[str, str] = {
     "wesnoth-1.16-music": "orchestral fantasy game soundtrack",
     "warzone2100-music": "electronic sci-fi game soundtrack",
 }
-
-DEFAULT_CACHE_DIR = Path(".musiclora/cache/corpus")
-_MARKER = ".musiclora-package.json"
-
-
-@dataclass(frozen=True)
-class PackageInfo:
-    """One Debian package unpacked in the cache.
-
-    Attributes:
-        package: Debian package name.
-        version: Debian version string.
-        description: the package's one-line description.
-        section: Debian section (e.g. "games").
-        licence: licence read from the package's copyright file (SPDX-like, e.g. "GPL-2+").
-        root: folder the package was unpacked into (absolute).
-        deb_bytes: size of the downloaded .deb in bytes.
-        download_s: seconds ``apt-get download`` took (when it was fetched).
-        extract_s: seconds ``dpkg -x`` took (when it was fetched).
-        cached: True when this call found it already unpacked and fetched nothing.
-    """
-
-    package: str
-    version: str
-    description: str
-    section: str
-    licence: str
-    root: Path
-    deb_bytes: int
-    download_s: float
-    extract_s: float
-    cached: bool = False
-
-    @property
-    def copyright_file(self) -> Path:
-        """Path of the package's Debian copyright file (may not exist)."""
-        return self.root / "usr" / "share" / "doc" / self.package / "copyright"
+MIN_KEY_STRENGTH = 0.6  # below this correlation an estimated key stays out of the caption
+_SPDX_CC = re.compile(r"\bCC[- ]BY(?:[- ](?:SA|NC|ND))*[- ]\d\.\d\b(?:[^\n]{0,40}later version)?")
 
 
 @dataclass
@@ -95,10 +79,12 @@ class CorpusInfo:
         metadata_path: the metadata.jsonl written (absolute).
         num_tracks: rows in metadata.jsonl.
         total_duration_s: summed track length in seconds.
-        packages: the packages used, in order.
-        skipped: (path, reason) for each audio file left out (undecodable, silent, too short).
+        packages: the Debian packages used, in order.
+        score_sets: the music21 score sets rendered, in order.
+        skipped: (path, reason) for each input left out (undecodable, silent, too short, unrenderable).
         sample_rates: native sample rate in Hz -> number of tracks.
         channels: channel count -> number of tracks.
+        build_s: wall seconds the build took.
     """
 
     name: str
@@ -106,176 +92,11 @@ class CorpusInfo:
     num_tracks: int = 0
     total_duration_s: float = 0.0
     packages: list[PackageInfo] = field(default_factory=list)
+    score_sets: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     sample_rates: Counter = field(default_factory=Counter)
     channels: Counter = field(default_factory=Counter)
-
-
-# --------------------------------------------------------------------------- licences
-
-
-def _earliest(*hits: tuple[int, str] | None) -> str | None:
-    found = [h for h in hits if h is not None]
-    return min(found)[1] if found else None
-
-
-def _dep5_licence(text: str) -> str | None:
-    """First ``License:`` of a machine-readable (DEP-5) copyright file, preferring ``Files: *``."""
-    if not re.match(r"\s*Format:\s*\S*copyright-format", text):
-        return None
-    for stanza in re.split(r"\n\s*\n", text):
-        if re.search(r"^Files:\s*\*\s*$", stanza, re.MULTILINE):
-            m = re.search(r"^License:\s*(\S.*)$", stanza, re.MULTILINE)
-            if m:
-                return m.group(1).strip()
-    m = re.search(r"^License:\s*(\S.*)$", text, re.MULTILINE)
-    return m.group(1).strip() if m else None
-
-
-def _cc_licence(flat: str) -> tuple[int, str] | None:
-    m = re.search(r"creativecommons\.org/licenses/([a-z-]+)/(\d\.\d)", flat, re.IGNORECASE)
-    if m:
-        return m.start(), f"CC-{m.group(1).upper()}-{m.group(2)}"
-    m = re.search(r"creative commons", flat, re.IGNORECASE)
-    if not m:
-        return None
-    codes = {"attribution": "BY", "noncommercial": "NC", "noderivs": "ND", "sharealike": "SA"}
-    el = re.search(r"title of this License:\s*([A-Za-z, -]+)\.", flat)
-    parts = [codes[w] for w in re.findall(r"[A-Za-z]+", el.group(1).lower()) if w in codes] if el else []
-    ver = re.search(r"\bAttribution[A-Za-z-]*\s+(\d\.\d)\b", flat)
-    name = "CC-" + "-".join(parts or ["BY"]) + (f"-{ver.group(1)}" if ver else "")
-    return m.start(), name
-
-
-def _gpl_licence(flat: str) -> tuple[int, str] | None:
-    m = re.search(
-        r"GNU (Lesser |Library )?General Public License(.{0,120}?)version (\d)(.{0,80})", flat, re.IGNORECASE
-    )
-    if not m:
-        return None
-    kind = "LGPL" if m.group(1) else "GPL"
-    later = re.search(r"later version", m.group(4), re.IGNORECASE)
-    return m.start(), f"{kind}-{m.group(3)}{'+' if later else ''}"
-
-
-def detect_licence(text: str) -> str:
-    """Name the main licence of a Debian copyright file.
-
-    A machine-readable (DEP-5) file gives the ``License:`` of its ``Files: *`` stanza. Otherwise
-    the earliest-mentioned of Creative Commons (elements and version from the legal code) and
-    GNU (L)GPL (version, "+" for "or any later version") wins, so a trailing note about the
-    Debian packaging's own licence does not mask the work's.
-
-    Args:
-        text: the copyright file's contents.
-
-    Returns:
-        An SPDX-like name such as "CC-BY-SA-3.0" or "GPL-2+", or "unknown".
-    """
-    dep5 = _dep5_licence(text)
-    if dep5:
-        return dep5
-    flat = " ".join(text.split())
-    return _earliest(_cc_licence(flat), _gpl_licence(flat)) or "unknown"
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def _run(cmd: list[str], cwd: Path, what: str) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{what}: `{cmd[0]}` not found; building a corpus needs Debian's apt-get and dpkg")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-800:]
-        raise RuntimeError(f"{what}: `{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}")
-    return proc.stdout
-
-
-def _deb_fields(deb: Path) -> dict[str, str]:
-    out = _run(
-        ["dpkg-deb", "-f", str(deb), "Version", "Description", "Section"], deb.parent, f"reading {deb}"
-    )
-    fields = {}
-    for line in out.splitlines():
-        if ":" in line and not line.startswith(" "):
-            key, value = line.split(":", 1)
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def fetch_package(package: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> PackageInfo:
-    """Download a Debian package and unpack it under ``<cache_dir>/packages/<package>``.
-
-    Idempotent: an already unpacked package (its marker file present) is not fetched again.
-    Unpacking goes to a temporary folder renamed into place, so an interrupted run leaves no
-    half-unpacked package behind. The .deb is deleted after unpacking.
-
-    Args:
-        package: Debian package name, e.g. "singularity-music".
-        cache_dir: cache root.
-
-    Returns:
-        The package's info; `cached` says whether anything was fetched.
-
-    Raises:
-        RuntimeError: if apt-get or dpkg is missing or fails (unknown package, no package lists:
-            run ``apt-get update``), naming the package.
-    """
-    if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", package):
-        raise ValueError(f"not a Debian package name: {package!r}")
-    packages_dir = Path(cache_dir).absolute() / "packages"
-    root = packages_dir / package
-    marker = root / _MARKER
-    if marker.is_file():
-        meta = json.loads(marker.read_text())
-        meta.update(root=root, cached=True)
-        return PackageInfo(**meta)
-    packages_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=packages_dir, prefix=f".{package}.") as tmp:
-        tmp_path = Path(tmp)
-        cmd = ["apt-get", "download", package]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:  # root: apt's _apt user cannot write here
-            cmd[1:1] = ["-o", "APT::Sandbox::User=root"]
-        t0 = time.perf_counter()
-        _run(cmd, tmp_path, f"downloading Debian package {package!r}")
-        download_s = time.perf_counter() - t0
-        debs = sorted(tmp_path.glob("*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(f"downloading Debian package {package!r}: expected one .deb, got {debs}")
-        deb = debs[0]
-        fields = _deb_fields(deb)
-        unpacked = tmp_path / "root"
-        t0 = time.perf_counter()
-        _run(["dpkg", "-x", str(deb), str(unpacked)], tmp_path, f"unpacking Debian package {package!r}")
-        extract_s = time.perf_counter() - t0
-        copyright_file = unpacked / "usr" / "share" / "doc" / package / "copyright"
-        licence = (
-            detect_licence(copyright_file.read_text(errors="replace"))
-            if copyright_file.is_file()
-            else "unknown"
-        )
-        meta = {
-            "package": package,
-            "version": fields.get("Version", ""),
-            "description": fields.get("Description", ""),
-            "section": fields.get("Section", ""),
-            "licence": licence,
-            "deb_bytes": deb.stat().st_size,
-            "download_s": round(download_s, 3),
-            "extract_s": round(extract_s, 3),
-        }
-        (unpacked / _MARKER).write_text(json.dumps(meta, indent=1))
-        if marker.is_file():  # another process finished the same package meanwhile
-            return fetch_package(package, cache_dir)
-        if root.exists():  # a marker-less leftover of an interrupted older run
-            shutil.rmtree(root)
-        os.replace(unpacked, root)
-    log.info(
-        "%s %s: downloaded %.1f MiB in %.1f s, unpacked in %.1f s, licence %s",
-        package, meta["version"], meta["deb_bytes"] / 2**20, download_s, extract_s, licence,
-    )  # fmt: skip
-    return PackageInfo(**meta, root=root)
+    build_s: float = 0.0
 
 
 # --------------------------------------------------------------------------- tracks and captions
@@ -349,14 +170,47 @@ def find_audio_files(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
+def album_entry(path: Path) -> tuple[dict, dict]:
+    """The ``album.json`` beside a track (warzone2100's format) and the track's entry in it.
+
+    Returns:
+        (album fields without "tracks", the entry whose "filename" is the track's), either
+        empty when there is no such file or entry.
+    """
+    album_file = path.parent / "album.json"
+    if not album_file.is_file():
+        return {}, {}
+    try:
+        album = json.loads(album_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %r", album_file, exc)
+        return {}, {}
+    entry = next((t for t in album.get("tracks", []) if t.get("filename") == path.name), {})
+    return {k: v for k, v in album.items() if k != "tracks"}, entry
+
+
+def _album_licence(path: Path) -> str | None:
+    """An SPDX-like licence from a ``license.txt`` beside the track (e.g. "CC-BY-SA-3.0+"), if any."""
+    lic = path.parent / "license.txt"
+    if not lic.is_file():
+        return None
+    text = lic.read_text(errors="replace")
+    m = _SPDX_CC.search(text)
+    if not m:
+        found = detect_licence(text)
+        return None if found == "unknown" else found
+    spdx = re.match(r"CC[- ]BY(?:[- ](?:SA|NC|ND))*[- ]\d\.\d", m.group(0)).group(0).replace(" ", "-").upper()
+    return spdx + ("+" if m.group(0).endswith("later version") else "")
+
+
 def describe_track(path: Path, pkg: PackageInfo, verify: bool = True) -> dict:
     """Build the metadata row of one packaged track.
 
     Args:
         path: the audio file (absolute).
         pkg: the package it came from.
-        verify: decode the whole file (catches corrupt files, measures exactly, finds silence);
-            False reads only the header.
+        verify: decode the whole file (catches corrupt files, measures exactly, finds silence,
+            and allows the key/tempo analysis); False reads only the header.
 
     Returns:
         The metadata.jsonl row as a dict (see the module docstring).
@@ -364,6 +218,7 @@ def describe_track(path: Path, pkg: PackageInfo, verify: bool = True) -> dict:
     Raises:
         AudioDecodeError: if the file does not decode, or (with `verify`) is silent.
     """
+    audio = None
     if verify:
         audio, sr = load_audio(path)
         if is_silent(audio):
@@ -376,25 +231,48 @@ def describe_track(path: Path, pkg: PackageInfo, verify: bool = True) -> dict:
             raise AudioDecodeError(str(path), str(exc)) from exc
         sr, channels, num_samples = info.samplerate, info.channels, info.frames
     tags = read_tags(path)
+    album_info, entry = album_entry(path)
     style = PACKAGE_STYLES.get(pkg.package) or ("game soundtrack" if pkg.section == "games" else "music")
-    title = tags.get("title") or title_from_filename(path)
-    artist = tags.get("artist") or tags.get("composer")
-    album = tags.get("album") or pkg.description or None
+    title = entry.get("title") or tags.get("title") or title_from_filename(path)
+    artist = entry.get("author") or tags.get("artist") or tags.get("composer") or album_info.get("author")
+    album = album_info.get("title") or tags.get("album") or pkg.description or None
     caption = build_caption(style, title, artist, album, tags.get("genre"), tags.get("description"))
-    return {
+    row = {
         "path": str(path),
         "caption": caption,
         "title": title,
         "artist": artist,
         "album": album,
         "genre": tags.get("genre") or style,
-        "licence": pkg.licence,
+        "licence": _album_licence(path) or pkg.licence,
         "licence_file": str(pkg.copyright_file),
         "source_package": f"{pkg.package}={pkg.version}",
         "duration_s": round(num_samples / sr, 3),
         "sample_rate": int(sr),
         "channels": int(channels),
     }
+    bpm = entry.get("bpm")
+    if bpm:
+        row.update(bpm=float(bpm), bpm_source="album.json")
+    if audio is not None and num_samples >= MIN_ANALYSIS_S * sr:
+        found = analyse_audio(audio, sr)
+        row.setdefault("bpm", found.bpm)
+        row.setdefault("bpm_source", "estimated")
+        row.update(key_estimate=found.key, key_strength=found.key_strength)
+        if found.key_strength >= MIN_KEY_STRENGTH:
+            row["key"] = found.key
+    music = describe_music(row.get("key"), None, row.get("bpm"))
+    if music:
+        row["caption"] = f"{caption}; {music}"
+    return row
+
+
+def _describe_job(args: tuple[str, PackageInfo, bool]) -> dict | tuple[str, str]:
+    path, pkg, verify = args
+    try:
+        return describe_track(Path(path), pkg, verify)
+    except AudioDecodeError as exc:
+        return (exc.path, exc.reason)
 
 
 # --------------------------------------------------------------------------- the corpus
@@ -414,6 +292,74 @@ def _progress():
     )
 
 
+class _Pool:
+    """Runs describe/render jobs in order on worker threads.
+
+    Threads, not processes: libsndfile decoding and the FluidSynth subprocess run outside the
+    GIL, and threads need neither a `__main__` guard in the caller (spawn) nor a thread-free
+    parent (fork).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self.pool: ThreadPoolExecutor | None = None
+
+    def map(self, fn, jobs: list) -> list:
+        if self.workers == 1 or len(jobs) < 2:
+            return [fn(job) for job in jobs]
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="corpus")
+        return list(self.pool.map(fn, jobs))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _take(pool: _Pool, fn, jobs: list, cap: int | None, label: str, info: CorpusInfo, min_duration_s: float) -> list[dict]:
+    """Run jobs in chunks until `cap` rows are taken; skips go to `info.skipped`."""
+    rows: list[dict] = []
+    chunk = max(2, 2 * pool.workers)
+    with _progress() as bar:
+        task = bar.add_task(label, total=len(jobs) if cap is None else min(cap, len(jobs)))
+        for i in range(0, len(jobs), chunk):
+            if cap is not None and len(rows) >= cap:
+                break
+            for result in pool.map(fn, jobs[i : i + chunk]):
+                if isinstance(result, tuple):
+                    info.skipped.append(result)
+                    log.warning("skipping %s: %s", *result)
+                elif result["duration_s"] < min_duration_s:
+                    info.skipped.append((result["path"], f"shorter than {min_duration_s} s"))
+                elif cap is None or len(rows) < cap:
+                    rows.append(result)
+                    bar.advance(task)
+    return rows
+
+
+def _package_rows(package, cache_dir, cap, verify, pool, info, min_duration_s) -> list[dict]:
+    pkg = fetch_package(package, cache_dir)
+    info.packages.append(pkg)
+    files = find_audio_files(pkg.root)
+    if not files:
+        log.warning("%s holds no audio files (suffixes %s)", package, sorted(AUDIO_SUFFIXES))
+    jobs = [(str(p), pkg, verify) for p in files]
+    return _take(pool, _describe_job, jobs, cap, package, info, min_duration_s)
+
+
+def _score_rows(set_name, cache_dir, cap, pool, info, min_duration_s) -> list[dict]:
+    from musiclora.data.scores import SCORE_SETS, _render_job, find_fluidsynth, find_soundfont, list_scores
+
+    if set_name not in SCORE_SETS:
+        raise KeyError(f"unknown music21 score set {set_name!r}; known: {sorted(SCORE_SETS)}")
+    find_fluidsynth(), find_soundfont()  # fail early, naming what to install
+    score_set = SCORE_SETS[set_name]
+    info.score_sets.append(set_name)
+    out_dir = Path(cache_dir).absolute() / "scores" / set_name
+    jobs = [(str(p), set_name, i, str(out_dir)) for i, p in enumerate(list_scores(score_set))]
+    return _take(pool, _render_job, jobs, cap, f"{SCORES_PREFIX}{set_name}", info, min_duration_s)
+
+
 def build_corpus(
     name: str = "demo",
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
@@ -422,25 +368,29 @@ def build_corpus(
     packages: list[str] | None = None,
     min_duration_s: float = 1.0,
     verify: bool = True,
+    workers: int | None = None,
 ) -> CorpusInfo:
-    """Fetch a corpus's packages and write ``<cache_dir>/<name>/metadata.jsonl``.
+    """Fetch or render a corpus's sources and write ``<cache_dir>/<name>/metadata.jsonl``.
 
     Args:
         name: corpus name, a key of CORPORA (any name when `packages` is given).
-        cache_dir: cache root; packages unpack under ``<cache_dir>/packages/``.
-        max_tracks: cap on the tracks listed, shared evenly over the packages (each package's
+        cache_dir: cache root; packages unpack under ``<cache_dir>/packages/``, rendered scores
+            go to ``<cache_dir>/scores/``.
+        max_tracks: cap on the tracks listed, shared evenly over the sources (each source's
             first tracks by path); None lists all.
-        packages: Debian packages to use instead of ``CORPORA[name]``.
+        packages: sources (Debian packages or ``music21:<set>``) to use instead of ``CORPORA[name]``.
         min_duration_s: tracks shorter than this (seconds) are skipped.
-        verify: decode every track fully (see `describe_track`).
+        verify: decode every packaged track fully (see `describe_track`).
+        workers: threads that decode, analyse and render (default: the CPU count, at most 4).
 
     Returns:
-        Counts, total seconds, sample rates and channel counts seen, skipped files, packages.
+        Counts, total seconds, sample rates and channel counts seen, skipped files, sources.
 
     Raises:
-        KeyError: if `name` is not a known corpus and no `packages` are given.
+        KeyError: if `name` is not a known corpus and no `packages` are given, or a score set is unknown.
         ValueError: if `max_tracks` < 1.
-        RuntimeError: if a package cannot be fetched (see `fetch_package`).
+        RuntimeError: if a package cannot be fetched (see `fetch_package`), or fluidsynth or a
+            soundfont is missing for a score set.
     """
     if packages is None:
         if name not in CORPORA:
@@ -451,33 +401,18 @@ def build_corpus(
     out_dir = Path(cache_dir).absolute() / name
     out_dir.mkdir(parents=True, exist_ok=True)
     info = CorpusInfo(name=name, metadata_path=out_dir / "metadata.jsonl")
-    per_package = None if max_tracks is None else -(-max_tracks // len(packages))
+    per_source = None if max_tracks is None else -(-max_tracks // len(packages))
+    pool = _Pool(workers or min(4, os.cpu_count() or 1))
     rows: list[dict] = []
     t0 = time.perf_counter()
-    for package in packages:
-        pkg = fetch_package(package, cache_dir)
-        info.packages.append(pkg)
-        files = find_audio_files(pkg.root)
-        if not files:
-            log.warning("%s holds no audio files (suffixes %s)", package, sorted(AUDIO_SUFFIXES))
-        taken = 0
-        with _progress() as bar:
-            task = bar.add_task(package, total=len(files))
-            for path in files:
-                if per_package is not None and taken >= per_package:
-                    break
-                bar.advance(task)
-                try:
-                    row = describe_track(path, pkg, verify=verify)
-                except AudioDecodeError as exc:
-                    info.skipped.append((str(path), exc.reason))
-                    log.warning("skipping %s", exc)
-                    continue
-                if row["duration_s"] < min_duration_s:
-                    info.skipped.append((str(path), f"shorter than {min_duration_s} s"))
-                    continue
-                rows.append(row)
-                taken += 1
+    try:
+        for source in packages:
+            if source.startswith(SCORES_PREFIX):
+                rows += _score_rows(source[len(SCORES_PREFIX) :], cache_dir, per_source, pool, info, min_duration_s)
+            else:
+                rows += _package_rows(source, cache_dir, per_source, verify, pool, info, min_duration_s)
+    finally:
+        pool.close()
     if max_tracks is not None:
         rows = rows[:max_tracks]
     for row in rows:
@@ -490,10 +425,10 @@ def build_corpus(
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, info.metadata_path)
+    info.build_s = round(time.perf_counter() - t0, 2)
     log.info(
         "corpus %r: %d tracks, %.1f min, %d skipped, in %.1f s -> %s",
-        name, info.num_tracks, info.total_duration_s / 60, len(info.skipped), time.perf_counter() - t0,
-        info.metadata_path,
+        name, info.num_tracks, info.total_duration_s / 60, len(info.skipped), info.build_s, info.metadata_path,
     )  # fmt: skip
     return info
 

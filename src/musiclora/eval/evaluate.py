@@ -156,7 +156,9 @@ class Evaluator:
     music: bool = True
     _ref_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _text_emb: np.ndarray | None = field(default=None, repr=False)
+    max_reference_music: int = 8
     _ref_music: list[dict[str, float | None]] | None = field(default=None, repr=False)
+    _distances: scoring.ReferenceDistances | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from musiclora.eval.embeddings import ClapTextEmbedder
@@ -168,6 +170,7 @@ class Evaluator:
                 f"{self.family.sample_rate} Hz; load it with sample_rate={self.family.sample_rate}"
             )
         self._ref_emb = self.embed(self.reference.wavs)
+        self._distances = scoring.ReferenceDistances(self.reference.wavs, self.sample_rate)
         self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)([p.text for p in self.prompts])
 
     @property
@@ -183,7 +186,7 @@ class Evaluator:
 
     def generate(self, model: nn.Module, tokenizer: Any) -> list[np.ndarray]:
         """One clip per prompt, float32 [round(duration_s * sample_rate)], each with the prompt's seed."""
-        n = int(round(self.duration_s * self.sample_rate))
+        n = round(self.duration_s * self.sample_rate)
         clips = []
         with _eval_mode(model):
             for p in self.prompts:
@@ -205,7 +208,7 @@ class Evaluator:
         for i, (p, wav) in enumerate(zip(self.prompts, clips)):
             row: dict[str, float | None] = {"clap_score": scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]}
             err: dict[str, str] = {}
-            row.update(scoring.reference_distances(wav, self.reference.wavs, self.sample_rate))
+            row.update(self._distances(wav))
             if self.music:
                 values, problems = scoring.music_scores(wav, self.sample_rate)
                 for name in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency"):
@@ -229,10 +232,10 @@ class Evaluator:
         return emb([resample(w, self.sample_rate, emb.sample_rate) for w in clips])
 
     def reference_music(self) -> list[dict[str, float | None]]:
-        """Music-theory metrics of each reference clip (computed once), for the report's context column."""
+        """Music-theory metrics of the first `max_reference_music` reference clips (computed once), for context."""
         if self._ref_music is None:
             self._ref_music = []
-            for wav in self.reference.wavs:
+            for wav in self.reference.wavs[: self.max_reference_music]:
                 values, _ = scoring.music_scores(wav, self.sample_rate)
                 self._ref_music.append({k: values.get(k) for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")})
         return self._ref_music

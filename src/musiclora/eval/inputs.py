@@ -80,8 +80,8 @@ def load_melody(path: str, start_s: float = 0.0, duration_s: float | None = None
     with open_url(path, "rb") as f:
         wav, sr = load_audio(f, name=path)
     mono = wav.mean(axis=0)
-    start = int(round(start_s * sr))
-    stop = None if duration_s is None else start + int(round(duration_s * sr))
+    start = round(start_s * sr)
+    stop = None if duration_s is None else start + round(duration_s * sr)
     clip = mono[start:stop]
     if clip.size == 0:
         raise ValueError(f"melody {path}: nothing left after melody_start_s={start_s} (file is {mono.size / sr:.2f} s)")
@@ -227,11 +227,11 @@ def _shard_reference(
     samples = [s for s in ShardStream(shard_urls(source, split, manifest)) if s["json"].get("duration_s", clip_s) >= clip_s]
     if len(samples) < 2:
         raise ValueError(f"reference {source} ({split}): {len(samples)} segment(s) of at least {clip_s} s; need 2")
-    n = int(round(clip_s * sample_rate))
+    n = round(clip_s * sample_rate)
     wavs, labels, decoded, cache = [], [], 0, {}
     for s in _spread(samples, max_clips):
         meta, src = s["json"], s["json"].get("source")
-        start = int(round(float(meta.get("start_s", 0.0)) * sample_rate))
+        start = round(float(meta.get("start_s", 0.0)) * sample_rate)
         try:
             if src not in cache:
                 cache.clear()  # samples of a track are adjacent: keep one decoded track

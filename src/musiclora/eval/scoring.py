@@ -25,8 +25,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from musiclora.data.audio import resample
-from musiclora.eval.metrics import audio_feature_distance, chroma_cosine, clap_score, fad, kad, mel_mse
-from musiclora.eval.music import detected_pitches, harmonic_accuracy, melodic_complexity, rhythmic_inconsistency
+from musiclora.eval.metrics import (  # _frame_features: the AFD feature set, reused to cache the reference side
+    _frame_features,
+    audio_feature_distance,
+    chroma_cosine,
+    clap_score,
+    fad,
+    kad,
+    log_mel,
+    mel_mse,
+)
+from musiclora.eval.music import (
+    detected_pitches,
+    harmonic_accuracy,
+    melodic_complexity,
+    rhythmic_inconsistency,
+)
 
 MUSIC_SAMPLE_RATE = 22050
 """Rate the music-theory metrics run at (pYIN frames of 2048 samples = 93 ms)."""
@@ -80,25 +94,57 @@ def music_scores(wav: np.ndarray, sample_rate: int) -> tuple[dict[str, float], d
     return values, errors
 
 
-def reference_distances(wav: np.ndarray, references: list[np.ndarray], sample_rate: int) -> dict[str, float]:
-    """Mean mel MSE (dB²) and mean audio feature distance from one clip to every reference clip.
+class ReferenceDistances:
+    """Mean mel MSE and audio feature distance from a clip to every reference clip, reference side cached.
+
+    Gives exactly `metrics.mel_mse` and `metrics.audio_feature_distance` averaged over the
+    reference clips, but computes each reference clip's log-mel and frame features once (the
+    pairwise loop otherwise dominates an evaluation). Clips of another length than the
+    reference clip fall back to the plain functions (which crop to the shorter clip).
 
     Args:
-        wav: float32 mono clip [L] at `sample_rate`.
-        references: reference clips [L_j] at the same rate.
+        references: reference clips, float32 [L_j], at `sample_rate`; at least one.
         sample_rate: Hz.
 
-    Returns:
-        {"mel_mse": mean dB², "audio_feature_distance": mean cosine distance in [0, 2]}.
-
     Raises:
-        ValueError: `references` is empty, or a clip is invalid (see `mel_mse`).
+        ValueError: `references` is empty or holds an invalid clip.
     """
-    if not references:
-        raise ValueError("reference_distances: no reference clips")
-    mse = [mel_mse(ref, wav, sample_rate) for ref in references]
-    afd = [audio_feature_distance(ref, wav, sample_rate) for ref in references]
-    return {"mel_mse": float(np.mean(mse)), "audio_feature_distance": float(np.mean(afd))}
+
+    N_MFCC = 20
+
+    def __init__(self, references: list[np.ndarray], sample_rate: int):
+        if not references:
+            raise ValueError("ReferenceDistances: no reference clips")
+        self.references = [np.asarray(r, np.float32) for r in references]
+        self.sample_rate = sample_rate
+        self._mel = [log_mel(r, sample_rate).astype(np.float64) for r in self.references]
+        self._feat = [_frame_features(r, sample_rate, self.N_MFCC) for r in self.references]
+
+    def __call__(self, wav: np.ndarray) -> dict[str, float]:
+        """{"mel_mse": mean dB², "audio_feature_distance": mean cosine distance in [0, 2]} for one clip [L]."""
+        wav = np.asarray(wav, np.float32)
+        mel = log_mel(wav, self.sample_rate).astype(np.float64)
+        feat = _frame_features(wav, self.sample_rate, self.N_MFCC)
+        mse, afd = [], []
+        for ref, ref_mel, ref_feat in zip(self.references, self._mel, self._feat):
+            if ref.size != wav.size:
+                mse.append(mel_mse(ref, wav, self.sample_rate))
+                afd.append(audio_feature_distance(ref, wav, self.sample_rate, n_mfcc=self.N_MFCC))
+                continue
+            mse.append(float(np.mean((ref_mel - mel) ** 2)))
+            afd.append(_feature_distance(ref_feat, feat))
+        return {"mel_mse": float(np.mean(mse)), "audio_feature_distance": float(np.mean(afd))}
+
+
+def _feature_distance(fa: np.ndarray, fb: np.ndarray) -> float:
+    """The body of `metrics.audio_feature_distance` on precomputed frame features [F, T_a], [F, T_b]."""
+    std = np.concatenate([fa, fb], axis=1).std(axis=1)
+    std[std == 0] = 1.0
+    va, vb = fa.mean(axis=1) / std, fb.mean(axis=1) / std
+    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
+    if na == 0 or nb == 0:
+        raise ValueError("audio_feature_distance: a feature vector is all zeros (silent clip?)")
+    return float(1.0 - (va @ vb) / (na * nb))
 
 
 def distribution_scores(reference: dict[str, np.ndarray], generated: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,15 +1,15 @@
 """Fit the tiny preset's EnCodec to real audio, so its codes and its decoded audio mean something.
 
 The `tiny` MusicGen-Melody preset is built from configs with random weights. transformers
-initialises `EncodecEuclideanCodebook.embed` to zeros, so every codebook entry is the same
-point: every frame quantises to code 0 and every code decodes to the same audio. A tiny base
-trained on such codes learns nothing about the music. EnCodec itself initialises its codebooks
-by k-means on the first training batch (audiocraft `quantization/core_vq.py`,
-`EuclideanCodebook.init_embed_` with `kmeans_init=True`); `fit_codebooks` does that, level by
-level of the residual quantiser. `fit_decoder` then trains the decoder alone to turn the
-quantised latents back into the audio (multi-resolution log-mel L1 + waveform L1, the
-reconstruction part of EnCodec's loss, without its adversarial terms), so generated codes
-decode to something with the spectral outline of the training audio.
+initialises `EncodecEuclideanCodebook.embed` to zeros (every frame quantises to code 0); the
+preset draws random codebooks instead, but at a scale unrelated to the random encoder's
+latents, so few entries are ever used and the random decoder maps codes to noise. EnCodec
+itself initialises its codebooks by k-means on the first training batch (audiocraft
+`quantization/core_vq.py`, `EuclideanCodebook.init_embed_` with `kmeans_init=True`);
+`fit_codebooks` does that, level by level of the residual quantiser. `fit_decoder` then trains
+the decoder alone to turn the quantised latents back into the audio (multi-resolution log-mel
+L1 + waveform L1, the reconstruction part of EnCodec's loss, without its adversarial terms), so
+generated codes decode to something with the spectral outline of the training audio.
 
 Both only make sense for the tiny preset; a pretrained codec is left alone.
 """
@@ -176,7 +176,7 @@ def fit_decoder(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     for p in params:
         p.requires_grad_(False)
     codec.eval()

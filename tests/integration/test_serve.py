@@ -1,0 +1,169 @@
+"""`serve run serve/config.yaml` on a real Ray cluster with the real S3 registry, called over real HTTP.
+
+Two train-free adapters (random LoRA B on the tiny MusicGen-Melody) are published to the registry;
+the application runs from the shipped config (ports, registry, limits and faster autoscaling
+delays overridden). Checked: the same seed gives different audio for adapters A and B, the base
+request gives exactly the base model's audio, bad input is a 4xx, and a bounded burst from 8
+clients finishes without a 5xx while the model deployment scales 1 -> 2 -> 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import functools
+import socket
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from musiclora.client import ServiceClient, ServiceError
+from musiclora.registry import Registry
+from musiclora.storage import ensure_bucket
+from serve.deploy import ServeRun, replicas, write_config
+from tests.serve_helpers import make_random_adapter, reference_audio, wav_bytes_to_array
+
+pytestmark = pytest.mark.integration
+
+KEY = "integration-key"
+MODEL = "Model-musicgen-melody"
+MIN_REQUESTS, MAX_REQUESTS, MAX_LOAD_S, CLIENTS = 60, 200, 240.0, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, s3_store, tiny_musicgen_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in s3_store.env().items():
+            mp.setenv(name, value)
+        bucket = f"s3://serve-{uuid.uuid4().hex[:10]}"
+        ensure_bucket(bucket)
+        registry = Registry(f"{bucket}/registry")
+        dirs = {}
+        for seed, name in ((1, "alpha"), (2, "beta")):
+            dirs[name] = make_random_adapter(tiny_musicgen_dir, str(tmp / name), seed)
+            registry.publish(dirs[name], name)
+        config = write_config(
+            tmp / "config.yaml", _free_port(),
+            args={"registry_url": registry.url, "api_key_env": "MUSICLORA_TEST_API_KEY",
+                  "models": [{"name": "musicgen-melody", "family": "musicgen-melody", "base": tiny_musicgen_dir,
+                              "max_adapters": 2, "max_batch_size": 4, "torch_threads": 1}],
+                  "limits": {"max_duration_s": 4, "max_upload_bytes": 100_000, "max_pending": 64}},
+            deployments={MODEL: {"autoscaling_config": {"upscale_delay_s": 1, "downscale_delay_s": 6,
+                                                        "look_back_period_s": 2}}},
+            app={"runtime_env": {"env_vars": {"MUSICLORA_TEST_API_KEY": KEY}}},
+        )
+        env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
+        run = ServeRun(config, ray_cluster.address, env={**env, **s3_store.env()}).start(timeout_s=400)
+        try:
+            token = ray_cluster.token_file.read_text().strip()
+            watch = functools.partial(replicas, ray_cluster.dashboard_url, token, MODEL)
+            deadline = time.monotonic() + 300
+            while watch()["states"] != {"RUNNING": 1} and time.monotonic() < deadline:
+                time.sleep(1)
+            yield {"url": run.url, "dirs": dirs, "base": tiny_musicgen_dir, "watch": watch, "registry": registry}
+        finally:
+            run.stop()
+
+
+def _post(url: str, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
+    return httpx.post(url + "/v1/generate", headers=headers, timeout=120, trust_env=False, **kwargs)
+
+
+def test_adapters_change_the_audio_and_the_base_stays_the_base(service):
+    client = ServiceClient(service["url"], api_key=KEY)
+    assert {a["name"] for a in client.adapters()["adapters"]} == {"alpha", "beta"}
+    clips = {name: client.generate("slow strings", adapter=name, duration_s=0.5, seed=11)
+             for name in ("alpha", "beta", None)}
+    audio = {name: wav_bytes_to_array(c.audio)[0] for name, c in clips.items()}
+    assert clips["alpha"].params["adapter"] == "alpha@1" and clips[None].params["adapter"] == "none"
+    assert clips["alpha"].params["seed"] == "11" and clips["alpha"].params["sample-rate"] == "32000"
+    assert not np.array_equal(audio["alpha"], audio["beta"])
+    np.testing.assert_array_equal(audio[None], reference_audio(service["base"], None, "slow strings", 0.5, 11))
+    np.testing.assert_array_equal(audio["alpha"],
+                                  reference_audio(service["base"], service["dirs"]["alpha"], "slow strings", 0.5, 11))
+
+
+def test_bad_input_is_a_4xx_and_the_service_keeps_serving(service):
+    url = service["url"]
+    cases = [
+        ({"json": {"prompt": "x", "adapter": "nope"}}, 404),
+        ({"json": {"prompt": "x", "adapter": "../alpha"}}, 422),
+        ({"json": {"prompt": "x", "adapter": "s3://other/registry/alpha"}}, 422),
+        ({"content": b"{oops", "headers": {"content-type": "application/json"}}, 400),
+        ({"json": {"prompt": "x", "seed": "one"}}, 422),
+        ({"json": {"prompt": "x", "duration_s": 60}}, 422),
+        ({"json": {"prompt": "x", "melody_b64": base64.b64encode(b"not audio at all" * 10).decode()}}, 415),
+        ({"data": {"prompt": "x"}, "files": {"melody": ("m.wav", b"\0" * 120_000, "audio/wav")}}, 413),
+    ]
+    for kwargs, status in cases:
+        r = _post(url, **kwargs)
+        assert r.status_code == status, (kwargs, r.text)
+        assert r.json()["detail"]
+    assert httpx.post(url + "/v1/generate", json={"prompt": "x"}, trust_env=False).status_code == 401
+    with pytest.raises(ServiceError) as err:
+        ServiceClient(url, api_key="wrong").generate("x")
+    assert err.value.status == 401
+    assert _post(url, json={"prompt": "still here", "duration_s": 0.2, "adapter": "beta"}).status_code == 200
+
+
+def test_burst_scales_up_and_back_without_5xx(service):
+    """8 clients, at least 60 requests (more, up to 200 / 240 s, only while the 2nd replica is not up yet)."""
+    watch, url = service["watch"], service["url"]
+    assert watch()["states"] == {"RUNNING": 1}
+    codes: collections.Counter[int] = collections.Counter()
+    seen: list[dict] = []
+    lock, sent, scaled = threading.Lock(), [0], threading.Event()
+    start = time.monotonic()
+
+    def client(i: int) -> None:
+        while True:
+            with lock:
+                enough = sent[0] >= MIN_REQUESTS and (scaled.is_set() or sent[0] >= MAX_REQUESTS)
+                if enough or time.monotonic() - start > MAX_LOAD_S:
+                    return
+                sent[0] += 1
+                n = sent[0]
+            r = _post(url, json={"prompt": "burst", "duration_s": 1.0, "seed": n,
+                                 "adapter": ("alpha", "beta", None)[n % 3]})
+            with lock:
+                codes[r.status_code] += 1
+
+    def monitor() -> None:
+        while not done.is_set():
+            state = watch()
+            seen.append(state)
+            if state["states"].get("RUNNING", 0) >= 2:
+                scaled.set()
+            time.sleep(1)
+
+    done = threading.Event()
+    mon = threading.Thread(target=monitor)
+    mon.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and watch()["states"] != {"RUNNING": 1}:
+        time.sleep(2)
+    done.set()
+    mon.join()
+    final = watch()
+    assert sum(codes.values()) >= MIN_REQUESTS
+    assert not [c for c in codes if c >= 500], codes
+    assert codes[200] >= MIN_REQUESTS * 0.9, codes
+    assert any(s["states"].get("RUNNING", 0) == 2 for s in seen), seen
+    assert final["states"] == {"RUNNING": 1}, (final, seen[-5:])
