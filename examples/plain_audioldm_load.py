@@ -55,7 +55,8 @@ def main(base: str, adapter: str) -> int:
     peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), folder).eval()
     via_peft = unet_output(peft_unet)
 
-    config = json.load(open(os.path.join(folder, "adapter_config.json")))
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        config = json.load(f)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(folder, "adapter_model.safetensors")).items()}
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
     unet.load_lora_adapter(state, prefix=None, metadata={k: config[k] for k in ("r", "lora_alpha", "target_modules")})

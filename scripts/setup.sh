@@ -6,15 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in dpkg-dev:dpkg-deb libsndfile1:libsndfile.so.1; do
+# name:probe, the probe a command, a shared library or an absolute file path.
+# fluidsynth + fluid-soundfont-gm: `musiclora corpus build` renders music21's scores to audio with them.
+for pkg in dpkg-dev:dpkg-deb libsndfile1:libsndfile.so.1 fluidsynth:fluidsynth \
+           fluid-soundfont-gm:/usr/share/sounds/sf2/FluidR3_GM.sf2; do
   name=${pkg%%:*}; probe=${pkg#*:}
+  if [ "${probe:0:1}" = / ]; then [ -e "$probe" ] || need_apt+=("$name"); continue; fi
   if ! command -v "$probe" >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q "$probe"; then need_apt+=("$name"); fi
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
   else echo "setup: please install ${need_apt[*]} (apt-get)"; fi
 fi
-# chromium: the headless rendering check of the evaluation report (tests/integration/test_eval_report.py)
+# chromium: headless browser of the evaluation report check (tests/integration/test_eval_report.py) and the
+# serving web-page test (tests/integration/test_ui.py)
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
   else echo "setup: please install chromium (apt-get) for the report rendering test"; fi

@@ -242,7 +242,15 @@ class ModelHost:
             if state is None or state.cached or state.refs:
                 return
             del self._attached[adapter_id]
-        self._peft.delete_adapter(state.internal)
+            last = not self._attached
+        if not last:
+            self._peft.delete_adapter(state.internal)
+            return
+        # the last one: take LoRA off the model again (peft cannot run with no adapter left)
+        root = self._peft.unload()
+        self._peft = None
+        if self.family.lora_root_attr:
+            setattr(self.loaded.model, self.family.lora_root_attr, root)
 
     # ------------------------------------------------------------------ generation
 

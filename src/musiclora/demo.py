@@ -147,7 +147,7 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
             from_reference = generate("", str(out / "demo_reference.wav"), adapter=adapter, duration_s=4.0,
                                       reference=clip)
         plain = subprocess.run([sys.executable, str(REPO / "examples" / spec.plain_check), str(base), adapter],
-                               capture_output=True, text=True, env={**os.environ, **store.env()})
+                               capture_output=True, text=True, env={**os.environ, **store.env()}, check=False)
         console.print(plain.stdout.strip() or plain.stderr[-2000:], markup=False, highlight=False)
 
         table = Table(title=f"musiclora demo ({(time.time() - t_start) / 60:.1f} min)", show_lines=False)

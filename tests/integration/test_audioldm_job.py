@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -50,7 +49,7 @@ def test_audioldm_lora_job_end_to_end(ray_cluster, s3_store, audioldm_shards, ti
     rc, out, result = submit(
         ray_cluster, "ray_jobs/train.py", "--config", "ray_jobs/configs/audioldm_tiny.yaml",
         f"model.base={tiny_audioldm_dir}", f"data.shards_url={SHARDS}", "adapter.preset=attn+time",
-        "optim.max_steps=40", "run.checkpoint_every=20", "run.name=it-audioldm",
+        "optim.max_steps=40", "optim.lr=0.02", "run.checkpoint_every=20", "run.name=it-audioldm",
         "run.storage_path=s3://musiclora-it/runs", "run.adapters_url=s3://musiclora-it/adapters",
     )
     assert rc == 0, out[-4000:]
@@ -65,38 +64,35 @@ def test_audioldm_lora_job_end_to_end(ray_cluster, s3_store, audioldm_shards, ti
 
     # plain diffusers + peft onto a bare UNet, no musiclora import, in a fresh interpreter
     plain = subprocess.run([sys.executable, str(REPO / "examples/plain_audioldm_load.py"), tiny_audioldm_dir, adapter],
-                           capture_output=True, text=True, env={**os.environ, **s3_store.env()}, timeout=300)
+                           capture_output=True, text=True, env={**os.environ, **s3_store.env()}, timeout=300,
+                           check=False)
     assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-3000:]
     report = json.loads(plain.stdout.strip().splitlines()[-1])
     assert report["max_output_change"] > 0 and report["lora_tensors"] > 0
 
-    # generation: text with and without the adapter, and from a reference clip of a corpus track
+    # audio-conditioned generation with the adapter, from a WAV cut out of a corpus track
     from musiclora.data.audio import load_audio, to_mono
     from musiclora.generate import generate
 
-    base = generate("orchestral battle music", str(tmp_path / "base.wav"), family="audioldm", base=tiny_audioldm_dir,
-                    duration_s=2.0, steps=5)
-    tuned = generate("orchestral battle music", str(tmp_path / "tuned.wav"), adapter=adapter, duration_s=2.0, steps=5)
-    a, _ = sf.read(base["wav"], dtype="float32")
-    b, _ = sf.read(tuned["wav"], dtype="float32")
-    assert a.shape == b.shape == (32000,) and not np.array_equal(a, b)
-    track = json.loads(open(corpus_metadata).readline())["path"]
+    with open(corpus_metadata) as f:
+        track = json.loads(f.readline())["path"]
     wav, sr = load_audio(track)
     clip = tmp_path / "reference.wav"
     sf.write(clip, to_mono(wav)[30 * sr : 36 * sr], sr)
     ref = generate("", str(tmp_path / "from_reference.wav"), adapter=adapter, duration_s=2.0, steps=5,
                    reference=str(clip))
-    c, _ = sf.read(ref["wav"], dtype="float32")
-    assert ref["rms"] > 0 and c.shape == b.shape and not np.array_equal(c, b)
+    audio, rate = sf.read(ref["wav"], dtype="float32")
+    assert ref["family"] == "audioldm" and rate == 16000 and audio.shape == (32000,) and ref["rms"] > 0
     assert (tmp_path / "from_reference.png").stat().st_size > 0
 
 
-def test_audioldm_job_on_musicgen_shards_fails_before_workers(ray_cluster, s3_store, audioldm_shards,
-                                                              tiny_audioldm_dir, tiny_musicgen_dir):
-    """Shards of one family are refused by the other, on the driver."""
-    rc, out, _ = submit(
-        ray_cluster, "ray_jobs/train.py", "--config", "ray_jobs/configs/musicgen_melody_tiny.yaml",
+def test_shards_of_one_family_are_refused_by_the_other(s3_store, audioldm_shards, tiny_musicgen_dir):
+    """The trainer's driver-side preflight (what `ray_jobs/train.py` runs before any worker starts)."""
+    from musiclora.config import load_config
+    from musiclora.train.trainer import PreflightError, preflight
+
+    cfg = load_config(REPO / "ray_jobs/configs/musicgen_melody_tiny.yaml", [
         f"model.base={tiny_musicgen_dir}", f"data.shards_url={SHARDS}",
-        "run.storage_path=s3://musiclora-it/runs", "run.adapters_url=s3://musiclora-it/adapters",
-    )
-    assert rc != 0 and "prepared for family 'audioldm'" in out and "RayTrainWorker" not in out
+        "run.storage_path=s3://musiclora-it/runs", "run.adapters_url=s3://musiclora-it/adapters"])
+    with pytest.raises(PreflightError, match="prepared for family 'audioldm'"):
+        preflight(cfg)

@@ -89,10 +89,14 @@ def test_adapters_change_the_audio_and_the_base_stays_the_base(service):
     audio = {name: wav_bytes_to_array(c.audio)[0] for name, c in clips.items()}
     assert clips["alpha"].params["adapter"] == "alpha@1" and clips[None].params["adapter"] == "none"
     assert clips["alpha"].params["seed"] == "11" and clips["alpha"].params["sample-rate"] == "32000"
-    assert not np.array_equal(audio["alpha"], audio["beta"])
-    np.testing.assert_array_equal(audio[None], reference_audio(service["base"], None, "slow strings", 0.5, 11))
-    np.testing.assert_array_equal(audio["alpha"],
-                                  reference_audio(service["base"], service["dirs"]["alpha"], "slow strings", 0.5, 11))
+    # the replica runs torch on 1 thread, this process on several: float sums may differ in the last bit,
+    # which moves a few 16-bit samples by one step (the tokens are the same)
+    same = {"rtol": 0, "atol": 2 / 32768}
+    for x, y in (("alpha", "beta"), ("alpha", None), ("beta", None)):  # different tokens: most samples move
+        assert np.mean(np.abs(audio[x] - audio[y]) > same["atol"]) > 0.5, (x, y)
+    np.testing.assert_allclose(audio[None], reference_audio(service["base"], None, "slow strings", 0.5, 11), **same)
+    np.testing.assert_allclose(
+        audio["alpha"], reference_audio(service["base"], service["dirs"]["alpha"], "slow strings", 0.5, 11), **same)
 
 
 def test_bad_input_is_a_4xx_and_the_service_keeps_serving(service):
@@ -123,7 +127,7 @@ def test_burst_scales_up_and_back_without_5xx(service):
     watch, url = service["watch"], service["url"]
     assert watch()["states"] == {"RUNNING": 1}
     codes: collections.Counter[int] = collections.Counter()
-    seen: list[dict] = []
+    seen: list[dict] = []  # replica states, one per second
     lock, sent, scaled = threading.Lock(), [0], threading.Event()
     start = time.monotonic()
 
@@ -156,12 +160,15 @@ def test_burst_scales_up_and_back_without_5xx(service):
         t.start()
     for t in threads:
         t.join()
+    load_s = time.monotonic() - start
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and watch()["states"] != {"RUNNING": 1}:
         time.sleep(2)
     done.set()
     mon.join()
     final = watch()
+    changes = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
+    print(f"burst: {dict(codes)} in {load_s:.0f} s; replica states (1 s apart) on change: {changes}")
     assert sum(codes.values()) >= MIN_REQUESTS
     assert not [c for c in codes if c >= 500], codes
     assert codes[200] >= MIN_REQUESTS * 0.9, codes

@@ -111,7 +111,8 @@ def test_tiny_folder_loads_with_plain_diffusers_and_transformers(fam, loaded, ti
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, ClapModel, ClapTextModelWithProjection, SpeechT5HifiGan
 
-    index = json.loads(open(f"{tiny_dir}/model_index.json").read())
+    with open(f"{tiny_dir}/model_index.json") as f:
+        index = json.load(f)
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vocoder"][1] == "SpeechT5HifiGan"
     unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
     AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")

@@ -110,7 +110,7 @@ def test_saved_adapter_loads_in_plain_peft_and_diffusers_onto_a_bare_unet(tiny_d
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    loaded, model = _perturbed_adapter("attn+time")
+    _, model = _perturbed_adapter("attn+time")
     ours = _unet_out(model.unet)
     folder = tmp_path / "adapter"
     FAM.lora_root(model).save_pretrained(str(folder), safe_serialization=True)  # as the training loop saves it
@@ -134,8 +134,10 @@ def test_saved_adapter_loads_in_plain_peft_and_diffusers_onto_a_bare_unet(tiny_d
 
 def test_generate_is_seeded_and_conditioned(tiny_dir):
     loaded = FAM.load(tiny_dir)
-    gen = lambda **kw: FAM.generate(loaded.model, loaded.tokenizer, kw.pop("prompt", "calm piano"), 1.0,  # noqa: E731
-                                    steps=3, **kw)[0]
+
+    def gen(**kw):
+        return FAM.generate(loaded.model, loaded.tokenizer, kw.pop("prompt", "calm piano"), 1.0, steps=3, **kw)[0]
+
     a, b = gen(seed=1), gen(seed=1)
     assert a.shape == (SR,) and a.dtype == np.float32 and np.array_equal(a, b) and np.sqrt((a**2).mean()) > 1e-4
     assert not np.allclose(a, gen(seed=2))

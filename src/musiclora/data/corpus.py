@@ -41,8 +41,19 @@ from musiclora.data.debian import DEFAULT_CACHE_DIR, PackageInfo, detect_licence
 from musiclora.data.metadata import AUDIO_SUFFIXES, title_from_filename
 
 __all__ = [
-    "CORPORA", "PACKAGE_STYLES", "DEFAULT_CACHE_DIR", "CorpusInfo", "PackageInfo", "build_caption", "build_corpus",
-    "corpus_info_to_dict", "describe_track", "detect_licence", "fetch_package", "find_audio_files", "read_tags",
+    "CORPORA",
+    "DEFAULT_CACHE_DIR",
+    "PACKAGE_STYLES",
+    "CorpusInfo",
+    "PackageInfo",
+    "build_caption",
+    "build_corpus",
+    "corpus_info_to_dict",
+    "describe_track",
+    "detect_licence",
+    "fetch_package",
+    "find_audio_files",
+    "read_tags",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -348,11 +359,18 @@ def _package_rows(package, cache_dir, cap, verify, pool, info, min_duration_s) -
 
 
 def _score_rows(set_name, cache_dir, cap, pool, info, min_duration_s) -> list[dict]:
-    from musiclora.data.scores import SCORE_SETS, _render_job, find_fluidsynth, find_soundfont, list_scores
+    from musiclora.data.scores import (
+        SCORE_SETS,
+        _render_job,
+        find_fluidsynth,
+        find_soundfont,
+        list_scores,
+        music21_corpus_dir,
+    )
 
     if set_name not in SCORE_SETS:
         raise KeyError(f"unknown music21 score set {set_name!r}; known: {sorted(SCORE_SETS)}")
-    find_fluidsynth(), find_soundfont()  # fail early, naming what to install
+    find_fluidsynth(), find_soundfont(), music21_corpus_dir()  # fail early, naming what to install
     score_set = SCORE_SETS[set_name]
     info.score_sets.append(set_name)
     out_dir = Path(cache_dir).absolute() / "scores" / set_name

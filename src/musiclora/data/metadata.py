@@ -24,7 +24,6 @@ import os
 import posixpath
 import re
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -241,10 +240,10 @@ def load_tracks(source: str | os.PathLike) -> tuple[list[TrackMeta], list[dict[s
         ValueError: a file-level problem: a CSV header without ``path`` or ``caption``, a folder
             with no audio files, or a file that holds no rows at all.
     """
-    from musiclora.storage import storage_errors
+    from musiclora.storage import get_fs, storage_errors
 
     source = os.fspath(source)
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = get_fs(source)
     with storage_errors(source):
         if not fs.exists(root):
             raise FileNotFoundError(f"input not found: {source!r} (expected a metadata file or a folder of audio)")
@@ -292,8 +291,10 @@ def scan_folder(folder: str | os.PathLike) -> list[TrackMeta]:
         NotADirectoryError: if `folder` is not a folder.
         ValueError: if it holds no audio files.
     """
+    from musiclora.storage import get_fs
+
     source = os.fspath(folder)
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = get_fs(source)
     if not fs.isdir(root):
         raise NotADirectoryError(f"not a folder: {source!r}")
     local = isinstance(fs, LocalFileSystem)

@@ -333,7 +333,7 @@ def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) 
         if starts:
             shards = (
                 encoded.map_batches(_assign, fn_kwargs={"starts": starts}, batch_format="numpy")
-                .groupby("shard")
+                .groupby("shard", num_partitions=min(64, sum(len(v) for v in starts.values())))
                 .map_groups(_write_group, fn_kwargs={"output_url": cfg.output_url}, batch_format="numpy")
                 .take_all()
             )

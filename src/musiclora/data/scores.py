@@ -151,9 +151,15 @@ def find_fluidsynth() -> str:
 
 
 def music21_corpus_dir() -> Path:
-    """The folder of scores that ships inside the installed music21 package."""
-    import music21.corpus
+    """The folder of scores that ships inside the installed music21 package.
 
+    Raises:
+        RuntimeError: music21 is not installed.
+    """
+    try:
+        import music21.corpus
+    except ImportError as exc:
+        raise RuntimeError("rendering scores needs the music21 package: pip install music21") from exc
     return Path(music21.corpus.__file__).parent
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -272,7 +273,8 @@ class _Stats:
     """Read counters shared with DataLoader worker processes (a shared-memory array)."""
 
     def __init__(self) -> None:
-        self.array = multiprocessing.Array("q", len(_STATS))
+        # a spawn-context lock travels to fork, forkserver and spawn workers alike
+        self.array = multiprocessing.get_context("spawn").Array("q", len(_STATS))
 
     def add(self, name: str, value: int = 1) -> None:
         with self.array.get_lock():
@@ -288,7 +290,7 @@ class _Stats:
         return {"array": self.array} if get_spawning_popen() is not None else {"array": None}
 
     def __setstate__(self, state) -> None:
-        self.array = state["array"] if state["array"] is not None else multiprocessing.Array("q", len(_STATS))
+        self.array = state["array"] if state["array"] is not None else multiprocessing.get_context("spawn").Array("q", len(_STATS))
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -364,7 +366,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         n, b = self.samples_per_rank(), max(1, self.batch_size)
         blocks = math.ceil(n / b)
         cuts = [min(n, (w * blocks // num_workers) * b) for w in range(num_workers + 1)]
-        return list(zip(cuts[:-1], cuts[1:], strict=True))
+        return list(itertools.pairwise(cuts))
 
     def batches_per_epoch(self, batch_size: int, num_workers: int = 0) -> int:
         """Batches every rank yields per epoch when batched by `batch_size` (last one may be short)."""
@@ -414,13 +416,24 @@ class ShardStream(torch.utils.data.IterableDataset):
                     owed -= 1
                     yield self._pad(last)
         if owed:
-            if last is None:
-                raise RuntimeError(
-                    f"rank {self.rank}: every shard this reader needed failed to read "
-                    f"({[self.urls[r.shard] for r in runs]}); see the warnings above"
-                )
+            last = last or self._any_sample(skip={r.shard for r in runs})
             for _ in range(owed):
                 yield self._pad(last)
+
+    def _any_sample(self, skip: set[int]) -> dict[str, Any]:
+        """One sample from any other shard, to pad with when all of this reader's shards failed.
+
+        Raises:
+            RuntimeError: no shard at all can be read.
+        """
+        for index in [i for i in range(len(self.urls)) if i not in skip]:
+            for sample in self._read_run(_Run(index, 0, 1, False)):
+                if sample is not None:
+                    return sample
+        raise RuntimeError(
+            f"rank {self.rank}: none of the {len(self.urls)} shard(s) could be read (first: {self.urls[0]}); "
+            "see the warnings above"
+        )
 
     def _pad(self, sample: dict[str, Any]) -> dict[str, Any]:
         self._stats.add("padded_samples")

@@ -6,7 +6,9 @@ preset draws random codebooks instead, but at a scale unrelated to the random en
 latents, so few entries are ever used and the random decoder maps codes to noise. EnCodec
 itself initialises its codebooks by k-means on the first training batch (audiocraft
 `quantization/core_vq.py`, `EuclideanCodebook.init_embed_` with `kmeans_init=True`);
-`fit_codebooks` does that, level by level of the residual quantiser. `fit_decoder` then trains
+`fit_codebooks` does that, level by level of the residual quantiser. Before it, `data_init`
+gives encoder and decoder a data-dependent initialisation (their default one lets the input's
+share of the signal vanish, so the decoder's output ignores the codes). `fit_decoder` then trains
 the decoder alone to turn the quantised latents back into the audio (multi-resolution log-mel
 L1 + waveform L1, the reconstruction part of EnCodec's loss, without its adversarial terms), so
 generated codes decode to something with the spectral outline of the training audio.
@@ -67,6 +69,71 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Ten
 def _latents(codec: nn.Module, wavs: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Encoder latents of float32 clips [N, L] -> [N, D, T]."""
     return torch.cat([codec.encoder(wavs[i : i + batch, None]) for i in range(0, wavs.shape[0], batch)])
+
+
+def _weight_normed(module: nn.Module) -> list[nn.Module]:
+    """The weight-normed convolutions inside `module`, in definition (= forward) order."""
+    return [m for m in module.modules() if hasattr(m, "parametrizations") and hasattr(m.parametrizations, "weight")]
+
+
+@torch.no_grad()
+def data_init(stack: nn.Module, inputs: torch.Tensor, out_std: float = 1.0) -> list[float]:
+    """Data-dependent initialisation of a weight-normed conv stack (Salimans & Kingma 2016, sec. 3).
+
+    Built from configs, the tiny codec's encoder and decoder have PyTorch's default
+    initialisation, whose gain is below 1: over 15 layers the input's share of the signal
+    vanishes and the biases decide the output (the decoder's output barely depends on its input).
+    Here, layer by layer in forward order, the weight-norm gain g and the bias are rescaled so
+    that the layer's output on `inputs` has zero mean per channel and unit standard deviation
+    (the last one `out_std`): b <- (b - mean_c) / s, g <- g / s, s the output's std.
+
+    Args:
+        stack: the encoder or decoder (a transformers `EncodecEncoder` / `EncodecDecoder`).
+        inputs: a batch it takes (audio [N, 1, L] for the encoder, latents [N, D, T] for the decoder).
+        out_std: wanted std of the last layer's output (e.g. the audio's std for the decoder).
+
+    Returns:
+        The output std of each layer before its rescaling.
+    """
+    convs, before = _weight_normed(stack), []
+    for i, conv in enumerate(convs):
+        seen = {}
+        handle = conv.register_forward_hook(lambda _m, _i, out, seen=seen: seen.setdefault("out", out))
+        stack(inputs)
+        handle.remove()
+        out = seen["out"]
+        mean, std = out.mean(dim=(0, 2)), float(out.std().clamp_min(1e-8))
+        target = out_std if i == len(convs) - 1 else 1.0
+        conv.parametrizations.weight.original0.mul_(target / std)
+        if conv.bias is not None:
+            conv.bias.copy_((conv.bias - mean) * (target / std))
+        before.append(std)
+    return before
+
+
+@torch.no_grad()
+def standardize_latents(codec: nn.Module, wavs: torch.Tensor) -> dict:
+    """Rescale the encoder's last convolution so its latents are zero-mean, unit-variance per channel on `wavs`.
+
+    A random encoder's latents are tiny (std ~0.07 here) and vary little, so a decoder fed their
+    quantised values barely sees the codes and learns the average sound. An affine change per
+    latent channel loses nothing: y'_c = (y_c - mean_c) / std_c, folded into the weight-norm
+    gain and the bias of the last convolution.
+
+    Args:
+        codec: a transformers `EncodecModel` whose encoder ends in a weight-normed `EncodecConv1d`.
+        wavs: float32 mono clips at the codec's rate, shape [N, L].
+
+    Returns:
+        {"mean": per-channel means, "std": per-channel stds} before the change.
+    """
+    z = _latents(codec, wavs)
+    mean, std = z.mean(dim=(0, 2)), z.std(dim=(0, 2)).clamp_min(1e-8)
+    conv = codec.encoder.layers[-1].conv
+    gain = conv.parametrizations.weight.original0  # [C_out, 1, 1]
+    gain.mul_((1.0 / std)[:, None, None])
+    conv.bias.copy_((conv.bias - mean) / std)
+    return {"mean": mean.tolist(), "std": std.tolist()}
 
 
 @torch.no_grad()
@@ -181,3 +248,35 @@ def fit_decoder(
         p.requires_grad_(False)
     codec.eval()
     return losses
+
+
+def fit_tiny_codec(
+    codec: nn.Module, wavs: torch.Tensor, entries: int = 256, decoder_steps: int = 100, seed: int = 0,
+    init_clips: int = 8, init_s: float = 0.5,
+) -> dict:
+    """The whole fit: data-dependent init of the encoder, standardised latents, k-means codebooks,
+    data-dependent init of the decoder, decoder training.
+
+    Args:
+        codec: the tiny preset's transformers `EncodecModel` (changed in place).
+        wavs: float32 mono clips at the codec's rate, shape [N, L] (the base style's training audio).
+        entries: k-means centroids per quantiser level.
+        decoder_steps: `fit_decoder` steps (batch 8, 0.5 s crops).
+        seed: seed of k-means and of the crop sampler.
+        init_clips / init_s: clips and seconds per clip used for the data-dependent inits.
+
+    Returns:
+        {"frames", "entries", "relative_residual" (per quantiser level), "decoder_loss_first",
+        "decoder_loss_last" (means of the first and last 10 steps)}.
+    """
+    rate = int(codec.config.sampling_rate)
+    probe = wavs[:init_clips, : int(init_s * rate)]
+    data_init(codec.encoder, probe[:, None])
+    standardize_latents(codec, wavs)
+    stats = fit_codebooks(codec, wavs, entries=entries, seed=seed)
+    with torch.no_grad():
+        latents = codec.quantizer.decode(codec.encode(probe[:, None]).audio_codes[0].transpose(0, 1))
+    data_init(codec.decoder, latents, out_std=float(wavs.std()))
+    curve = fit_decoder(codec, wavs, steps=decoder_steps, crop_s=0.5, seed=seed)
+    stats.update(decoder_loss_first=float(np.mean(curve[:10])), decoder_loss_last=float(np.mean(curve[-10:])))
+    return stats

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class AudioLDMFamily(ModelFamily):
     """AudioLDM's training clip length (1024 mel frames)."""
     sample_rate = SAMPLE_RATE
     lora_root_attr = "unet"
-    lora_presets = {
+    lora_presets: ClassVar[dict[str, list[str]]] = {
         "attn": list(ATTN),
         # time_embedding.linear_1/2: the timestep MLP, the seed study's "temporal control" layers
         "attn+time": ATTN + ["time_embedding.linear_1", "time_embedding.linear_2"],

@@ -244,7 +244,7 @@ def load_audioldm(base: str, dtype: torch.dtype = torch.float32, revision: str |
     for name, load in loaders.items():
         try:
             parts[name] = load()
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(
                 f"cannot load AudioLDM component {name!r} from {base!r}: expected 'tiny', a folder or hub id in the "
                 f"cvssp/audioldm-s-full-v2 layout with {name}/ ({exc})"
@@ -267,7 +267,7 @@ def audioldm_skeleton(base: str, revision: str | None = None) -> AudioLDM:
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
         try:
             configs[name] = cls.load_config(base, subfolder=name, revision=revision)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the {name} config of AudioLDM base {base!r} ({name}/config.json) ({exc})") from exc
     with torch.device("meta"):
         return AudioLDM(UNet2DConditionModel.from_config(configs["unet"]), AutoencoderKL.from_config(configs["vae"]))
@@ -297,7 +297,7 @@ def load_clap_audio(source: dict[str, Any]):
             model = ClapModel.from_pretrained(where, subfolder=sub or "", revision=rev).eval()
             extractor = ClapFeatureExtractor.from_pretrained(where, subfolder=fe_sub or "", revision=rev)
             return ClapAudioEmbedder(model, extractor, name=f"clap-audio:{where}")
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             errors.append(f"{where}{'/' + sub if sub else ''}: {exc}")
     raise ValueError("no CLAP audio encoder for AudioLDM audio conditioning; tried " + "; ".join(errors))
 

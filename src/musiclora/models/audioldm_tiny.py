@@ -16,10 +16,10 @@ import torch
 
 from musiclora.models.audioldm_components import N_MELS, SAMPLE_RATE, AudioLDM
 
-AUDIOLDM_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-)
+AUDIOLDM_SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0195, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+}
 """cvssp/audioldm-s-full-v2's scheduler_config.json (AudioLDM's linear_start/linear_end)."""
 
 

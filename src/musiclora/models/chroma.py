@@ -64,7 +64,7 @@ def _prepare_input(wav: torch.Tensor | np.ndarray, sample_rate: int, max_length_
     if x.dim() != 2 or x.shape[-1] == 0:
         raise ValueError(f"melody_chroma: expected a waveform [B, L] or [L] with L > 0, got shape {tuple(x.shape)}")
     if max_length_s is not None:  # the extractor truncates to chunk_length (30 s) of samples
-        x = x[:, : int(round(max_length_s * sample_rate))]
+        x = x[:, : round(max_length_s * sample_rate)]
     if x.shape[-1] < N_FFT:  # the extractor pads short inputs symmetrically to n_fft
         pad = N_FFT - x.shape[-1]
         x = torch.nn.functional.pad(x, (pad // 2, pad // 2 + pad % 2))

@@ -39,6 +39,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     family = get_family(cfg.model.family)
+    family.configure(cfg.model.options)
     torch.manual_seed(cfg.data.seed + rank)
 
     # 1. Base model + LoRA (only lora_ parameters train), then the last checkpoint if any.

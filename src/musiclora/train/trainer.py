@@ -45,6 +45,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """
     try:
         family = get_family(cfg.model.family)
+        family.configure(cfg.model.options)
         skeleton = family.skeleton(cfg.model.base, cfg.model.revision)
         targets = check_targets(family.lora_root(skeleton), family, cfg.adapter)
     except ValueError as exc:
