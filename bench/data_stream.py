@@ -96,17 +96,18 @@ def bench_prepare(store: EmbeddedStore, work: Path, corpus: str, tracks: int) ->
         input_s += sum(r["seconds"] for r in task.encode_track(row) if r["kind"] == "track")
     encode_wall = time.perf_counter() - t0
     head = LocalRay(work / "ray", gcs_port=_free_port(), dashboard_port=_free_port(), num_cpus=2)
-    import ray
-
     try:
         head.start(extra_env={**store.env(), "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"})
         os.environ.update({k: v for k, v in head.env().items() if k != "RAY_ADDRESS"})
+        import ray  # after the auth variables: Ray reads them when it is imported
+
         ray.init(address=head.address, log_to_driver=False)
         t0 = time.perf_counter()
         manifest = prepare(cfg, tracks_per_task=1, concurrency=2)
         wall = time.perf_counter() - t0
     finally:
-        ray.shutdown()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
         head.stop()
     return {
         "corpus": corpus, "tracks": manifest["num_tracks"], "samples": sum(manifest["num_samples"].values()),

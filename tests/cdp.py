@@ -104,9 +104,11 @@ class Browser:
         Raises:
             LookupError: the expression gives no element.
         """
-        rect = self.js(f"(() => {{const e = {element_js}; if (!e) return null; "
-                       "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
-                       "return [r.x + r.width / 2, r.y + r.height / 2]})()")
+        # instant scroll, then measure after a frame (a smooth scroll would move it under the mouse)
+        rect = self.js(f"(async () => {{const e = {element_js}; if (!e) return null; "
+                       "e.scrollIntoView({block: 'center', behavior: 'instant'}); "
+                       "await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))); "
+                       "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]})()")
         if rect is None:
             raise LookupError(f"no {what} on the page")
         for kind in ("mousePressed", "mouseReleased"):

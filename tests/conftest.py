@@ -95,7 +95,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStor
 
     repo = Path(__file__).resolve().parents[1]
     head = LocalRay(tmp_path_factory.mktemp("ray"), gcs_port=_free_port_block(1), dashboard_port=_free_port_block(3),
-                    num_cpus=4)
+                    num_cpus=5)
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(repo / ".musiclora" / "torch_extensions"))
     head.start(extra_env={**s3_store.env(), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": ext,
                           "PYTHONPATH": str(repo / "src"), "TOKENIZERS_PARALLELISM": "false"})

@@ -96,7 +96,7 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
     out = workdir / "outputs"
     out.mkdir(exist_ok=True)
     store = EmbeddedStore(workdir / "store")
-    ray_head = LocalRay(workdir / "ray", num_cpus=4)
+    ray_head = LocalRay(workdir / "ray", num_cpus=5)
     try:
         _step("1/7 object store (SeaweedFS on 127.0.0.1)")
         store.start()

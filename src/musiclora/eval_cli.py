@@ -38,19 +38,30 @@ def _embedder_list(text: str) -> list[str]:
 @app.command()
 def evaluate(
     adapter: str = typer.Option(..., help="adapter folder (path or s3:// URL, peft format with card.json)"),
-    prompts: str = typer.Option(..., help="prompts JSONL: {prompt, seed?, melody?, melody_start_s?, id?} a line"),
-    reference: str = typer.Option(..., help="reference music: shards URL (manifest.json), audio folder or file"),
+    prompts: str = typer.Option(
+        ..., help="prompts JSONL: {prompt, seed?, melody?, melody_start_s?, id?} a line"
+    ),
+    reference: str = typer.Option(
+        ..., help="reference music: shards URL (manifest.json), audio folder or file"
+    ),
     out: Path = typer.Option(Path(".musiclora/outputs/eval"), help="report folder"),
     base: str = typer.Option(None, help="base model (hub id, folder, 'tiny'); default: the adapter card's"),
     family: str = typer.Option(None, help="model family; default: the adapter card's"),
-    clap: str = typer.Option("tiny", help="CLAP model: 'tiny' (random) or a hub id / folder, e.g. laion/larger_clap_music"),
-    embedders: str = typer.Option("clap,encodec,crepe-tiny", help="KAD/FAD embedders, comma-separated; "
-                                  "clap, encodec, encodec:<hub id>, crepe-tiny, crepe-full, mel-stats"),
+    clap: str = typer.Option(
+        "tiny", help="CLAP model: 'tiny' (random) or a hub id / folder, e.g. laion/larger_clap_music"
+    ),
+    embedders: str = typer.Option(
+        "clap,encodec,crepe-tiny",
+        help="KAD/FAD embedders, comma-separated; "
+        "clap, encodec, encodec:<hub id>, crepe-tiny, crepe-full, mel-stats",
+    ),
     duration_s: float = typer.Option(4.0, min=0.5, max=60.0, help="seconds generated per prompt"),
     guidance_scale: float = typer.Option(3.0, min=0.0),
     max_reference_clips: int = typer.Option(32, min=2),
     reference_split: str = typer.Option(None, help="shards split (default: val if present, else train)"),
-    music: bool = typer.Option(True, help="compute harmonic accuracy, melodic complexity, rhythmic inconsistency"),
+    music: bool = typer.Option(
+        True, help="compute harmonic accuracy, melodic complexity, rhythmic inconsistency"
+    ),
 ) -> None:
     """Generate with the base and the adapter on the same prompts and seeds; score; write the report."""
     from musiclora.data.audio import AudioDecodeError
@@ -59,16 +70,35 @@ def evaluate(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = run_evaluate(
-            adapter, prompts, reference, out, base=base, family=family, clap=clap,
-            embedders=_embedder_list(embedders), duration_s=duration_s, guidance_scale=guidance_scale,
-            max_reference_clips=max_reference_clips, reference_split=reference_split, music=music,
+            adapter,
+            prompts,
+            reference,
+            out,
+            base=base,
+            family=family,
+            clap=clap,
+            embedders=_embedder_list(embedders),
+            duration_s=duration_s,
+            guidance_scale=guidance_scale,
+            max_reference_clips=max_reference_clips,
+            reference_split=reference_split,
+            music=music,
         )
     except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError) as exc:
         _fail(exc)
-    from musiclora.eval.report import _clean
+    from musiclora.eval.report import clean_json
 
-    print(json.dumps(_clean({"files": result.info["files"], "base": result.scores["base"].metrics,
-                             "adapter": result.scores["adapter"].metrics})))
+    print(
+        json.dumps(
+            clean_json(
+                {
+                    "files": result.info["files"],
+                    "base": result.scores["base"].metrics,
+                    "adapter": result.scores["adapter"].metrics,
+                }
+            )
+        )
+    )
 
 
 @app.command("adaptation-table")
@@ -85,15 +115,24 @@ def adaptation_table(
     from musiclora.eval.adaptation import AdaptationSettings, run_adaptation
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    given = {"base_steps": base_steps, "lora_steps": lora_steps, "base_tracks": base_tracks,
-             "eval_prompts": eval_prompts, "preset": preset}
-    settings = AdaptationSettings(cache_dir=str(cache_dir), **{k: v for k, v in given.items() if v is not None})
+    given = {
+        "base_steps": base_steps,
+        "lora_steps": lora_steps,
+        "base_tracks": base_tracks,
+        "eval_prompts": eval_prompts,
+        "preset": preset,
+    }
+    settings = AdaptationSettings(
+        cache_dir=str(cache_dir), **{k: v for k, v in given.items() if v is not None}
+    )
     try:
         result = run_adaptation(settings, out)
     except (ValueError, RuntimeError, ModuleNotFoundError) as exc:
         _fail(exc)
     print(result["markdown"])
-    console.print(f"written: {out / 'adaptation_table.md'}, {out / 'adaptation.json'}, {out / 'report/report.html'}")
+    console.print(
+        f"written: {out / 'adaptation_table.md'}, {out / 'adaptation.json'}, {out / 'report/report.html'}"
+    )
 
 
 if __name__ == "__main__":

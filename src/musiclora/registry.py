@@ -41,6 +41,7 @@ DEFAULT_REGISTRY_URL = f"s3://{DEFAULT_BUCKET}/registry"
 MARKER = "version.json"
 POINTER = "latest.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never published: loading them unpickles
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 _REF_HELP = (
@@ -294,8 +295,9 @@ class Registry:
 
         Raises:
             InvalidReferenceError: bad name, family or version.
-            ValueError: the source is not a peft folder, names another family than `family`, no family
-                known, the name exists under another family, or `version` already exists.
+            ValueError: the source is not a peft folder or holds pickle files (.bin, .pt ...), names another
+                family than `family`, no family known, the name exists under another family, or `version`
+                already exists.
             FileNotFoundError: nothing at `source_url`.
         """
         import hashlib
@@ -306,6 +308,9 @@ class Registry:
             missing = [f for f in PEFT_FILES if not (Path(tmp) / f).is_file()]
             if missing:
                 raise ValueError(f"{source_url} is not a peft adapter folder: {', '.join(missing)} missing")
+            pickles = sorted(f.name for f in Path(tmp).iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise ValueError(f"{source_url} holds pickle files {pickles}; the registry takes safetensors + JSON only")
             (Path(tmp) / MARKER).unlink(missing_ok=True)
             card_path = Path(tmp) / CARD
             card = json.loads(card_path.read_text()) if card_path.exists() else {}

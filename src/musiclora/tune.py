@@ -20,6 +20,8 @@ import yaml
 from musiclora.config import ConfigError, TrainConfig, TuneConfig, apply_overrides, parse_overrides, validate_config
 from musiclora.models.registry import get_family
 
+TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer; Tune refuses an empty request
+
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, dict[str, Any]]:
     """Read a Tune YAML and its base TrainConfig YAML (+ overrides); validate both and the space.
@@ -106,7 +108,7 @@ def _concurrency(tune_cfg: TuneConfig, base: dict[str, Any]) -> int:
     if tune_cfg.max_concurrent:
         return tune_cfg.max_concurrent
     res = ray.cluster_resources()
-    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker
+    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + TRIAL_CPU
     n = int(res.get("CPU", 1) // per_trial_cpu)
     if cfg.run.use_gpu:
         n = min(n, int(res.get("GPU", 0) // cfg.run.num_workers))
@@ -132,14 +134,16 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env()})
     fs, path = pyarrow_fs(tune_cfg.storage_path)
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name), {"CPU": 0})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name),
+                                   {"CPU": TRIAL_CPU})
     experiment = f"{path.rstrip('/')}/{tune_cfg.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"[musiclora] restoring Tune experiment {tune_cfg.storage_path}/{tune_cfg.name}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
-        max_t = validate_config(base, TrainConfig).optim.max_steps
+        # ASHA terminates a trial that reaches max_t: one past the last step lets finishers publish
+        max_t = validate_config(base, TrainConfig).optim.max_steps + 1
         scheduler = (ASHAScheduler(time_attr="step", grace_period=tune_cfg.asha.grace_period, max_t=max_t,
                                    reduction_factor=tune_cfg.asha.reduction_factor) if tune_cfg.asha else None)
         tuner = tune.Tuner(

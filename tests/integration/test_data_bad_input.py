@@ -67,11 +67,18 @@ def _cfg(metadata, out, **kw) -> PrepareConfig:
     return PrepareConfig(**{**base, **kw})
 
 
-def test_planted_bad_files_are_listed_with_reasons_and_runs_reproduce(ray_driver, s3_bucket_url, planted):
-    from musiclora.data.prepare import prepare
+def run_prepare(cluster, cfg: PrepareConfig, tmp_path, *args: str) -> dict:
+    """`prepare` as a Ray job (a fresh driver process); returns the manifest it wrote."""
+    from .test_data_pipeline import prepare_job
 
+    rc, log, _ = prepare_job(cluster, cfg, tmp_path, *args)
+    assert rc == 0, log[-4000:]
+    return load_manifest(cfg.output_url)
+
+
+def test_planted_bad_files_are_listed_with_reasons_and_runs_reproduce(ray_cluster, s3_bucket_url, planted, tmp_path):
     root, expected = planted
-    first = prepare(_cfg(root, f"{s3_bucket_url}/a"))
+    first = run_prepare(ray_cluster, _cfg(root, f"{s3_bucket_url}/a"), tmp_path)
     skipped = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in first["skipped"]}
     assert set(skipped) == set(expected)
     for name, fragment in expected.items():
@@ -79,13 +86,14 @@ def test_planted_bad_files_are_listed_with_reasons_and_runs_reproduce(ray_driver
     assert first["num_skipped"] == len(expected) and first["num_tracks"] == 2
     assert first["num_samples"]["train"] == 4 + 3  # 9 s and 7 s tracks in 2 s segments (last >= 1.5 s kept)
 
-    again = prepare(_cfg(root, f"{s3_bucket_url}/b"), tracks_per_task=1, concurrency=2)
+    again = run_prepare(ray_cluster, _cfg(root, f"{s3_bucket_url}/b"), tmp_path, "--tracks-per-task", "1",
+                        "--concurrency", "2")
     assert [(s["name"], s["sha256"]) for s in again["shards"]] == [(s["name"], s["sha256"]) for s in first["shards"]]
 
 
-def test_metadata_rows_with_problems_are_skipped_and_augmentation_retunes_captions(ray_driver, s3_bucket_url, planted, tmp_path):
-    from musiclora.data.prepare import prepare
-
+def test_metadata_rows_with_problems_are_skipped_and_augmentation_retunes_captions(
+    ray_cluster, s3_bucket_url, planted, tmp_path
+):
     root, _ = planted
     rows = [
         json.dumps({"path": str(root / "good_a.wav"), "caption": "harp etude in A minor, 120 BPM", "bpm": 120,
@@ -99,7 +107,8 @@ def test_metadata_rows_with_problems_are_skipped_and_augmentation_retunes_captio
     meta = tmp_path / "metadata.jsonl"
     meta.write_bytes(b"\n".join(rows) + b"\n")
     out = f"{s3_bucket_url}/aug"
-    manifest = prepare(_cfg(meta, out, augment_copies=1, pitch_shift_semitones=3, noise_snr_db=30.0))
+    manifest = run_prepare(ray_cluster, _cfg(meta, out, augment_copies=1, pitch_shift_semitones=3, noise_snr_db=30.0),
+                           tmp_path)
 
     reasons = [s["reason"] for s in manifest["skipped"]]
     assert len(reasons) == 5
@@ -145,7 +154,9 @@ def test_storage_mistakes_name_the_input(s3_env, s3_bucket_url, monkeypatch, tmp
         load_tracks(f"{s3_bucket_url}/music/metadata.jsonl")
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env["AWS_SECRET_ACCESS_KEY"])
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{find_free_s3_port()}")
+    nowhere = f"http://127.0.0.1:{find_free_s3_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", nowhere)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", nowhere)
     with pytest.raises(StoreUnreachableError, match="cannot reach the S3 endpoint"):
         load_tracks(f"{s3_bucket_url}/music/metadata.jsonl")
     local = tmp_path / "m.jsonl"

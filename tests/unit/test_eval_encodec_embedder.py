@@ -42,16 +42,28 @@ def test_encodec_kad_is_near_zero_for_one_set_and_larger_for_another(codec):
     emb = EncodecEmbedder(codec)
     tones = emb([_tone(f, seed=i) for i, f in enumerate((200, 250, 300, 350, 400, 450))])
     same = emb([_tone(f, seed=10 + i) for i, f in enumerate((200, 250, 300, 350, 400, 450))])
-    noise = emb([(0.3 * np.random.default_rng(i).standard_normal(SR // 2)).astype(np.float32) for i in range(6)])
+    noise = emb(
+        [(0.3 * np.random.default_rng(i).standard_normal(SR // 2)).astype(np.float32) for i in range(6)]
+    )
     assert abs(kad(tones, same)) < kad(tones, noise)
 
 
 def test_normalising_codec_ignores_the_clip_level():
     from transformers import EncodecConfig, EncodecModel
 
-    config = EncodecConfig(sampling_rate=SR, audio_channels=1, num_filters=4, num_residual_layers=1,
-                           upsampling_ratios=[8, 5, 4, 4], codebook_size=16, codebook_dim=8, hidden_size=8,
-                           num_lstm_layers=1, target_bandwidths=[2.2], normalize=True)
+    config = EncodecConfig(
+        sampling_rate=SR,
+        audio_channels=1,
+        num_filters=4,
+        num_residual_layers=1,
+        upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=16,
+        codebook_dim=8,
+        hidden_size=8,
+        num_lstm_layers=1,
+        target_bandwidths=[2.2],
+        normalize=True,
+    )
     torch.manual_seed(0)
     emb = EncodecEmbedder(EncodecModel(config))
     quiet, loud = _tone(330, amp=0.05), _tone(330, amp=0.05) * 8

@@ -57,7 +57,9 @@ def reference_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     t = np.arange(2 * SR) / SR
     for i, f in enumerate((220, 330, 440)):
-        sf.write(folder / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * f * t) * (np.sin(2 * np.pi * 2 * t) > 0)), SR)
+        sf.write(
+            folder / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * f * t) * (np.sin(2 * np.pi * 2 * t) > 0)), SR
+        )
     return str(folder)
 
 
@@ -65,8 +67,12 @@ def reference_dir(tmp_path_factory):
 def prompts():
     t = np.arange(SR) / SR
     melody = (0.3 * np.sin(2 * np.pi * 262 * t)).astype(np.float32)
-    return [PromptSpec("calm", "calm piano <b>&amp; strings", seed=1),
-            PromptSpec("tune", "folk tune", seed=2, melody=melody, melody_sample_rate=SR, melody_source="test tone")]
+    return [
+        PromptSpec("calm", "calm piano <b>&amp; strings", seed=1),
+        PromptSpec(
+            "tune", "folk tune", seed=2, melody=melody, melody_sample_rate=SR, melody_source="test tone"
+        ),
+    ]
 
 
 def test_fresh_adapter_leaves_every_clip_and_metric_unchanged(fresh_adapter, prompts, reference_dir):
@@ -78,23 +84,50 @@ def test_fresh_adapter_leaves_every_clip_and_metric_unchanged(fresh_adapter, pro
     assert all(v == 0 for v in result.delta().values())
 
 
-def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(trained_adapter, prompts, reference_dir,
-                                                                          tmp_path):
-    result = evaluate(trained_adapter, prompts, reference_dir, tmp_path / "report", embedders=("clap", PITCH),
-                      duration_s=1.0, music=True)
+def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
+    trained_adapter, prompts, reference_dir, tmp_path
+):
+    result = evaluate(
+        trained_adapter,
+        prompts,
+        reference_dir,
+        tmp_path / "report",
+        embedders=("clap", PITCH),
+        duration_s=1.0,
+        music=True,
+    )
     assert not np.array_equal(result.clips["base"][0], result.clips["adapter"][0])
-    data = json.loads((tmp_path / "report" / "metrics.json").read_text(),
-                      parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}: not strict JSON"))
-    expected = {"clap_score", "kad", "fad", "kad_clap", "fad_clap", f"kad_{PITCH_KEY}", f"fad_{PITCH_KEY}", "mel_mse",
-                "audio_feature_distance", "harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency",
-                "chroma_cosine"}
+    data = json.loads(
+        (tmp_path / "report" / "metrics.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}: not strict JSON"),
+    )
+    expected = {
+        "clap_score",
+        "kad",
+        "fad",
+        "kad_clap",
+        "fad_clap",
+        f"kad_{PITCH_KEY}",
+        f"fad_{PITCH_KEY}",
+        "mel_mse",
+        "audio_feature_distance",
+        "harmonic_accuracy",
+        "melodic_complexity",
+        "rhythmic_inconsistency",
+        "chroma_cosine",
+    }
     assert set(data["metrics"]["adapter"]) == expected == set(data["metrics"]["base"])
     assert data["counts"]["adapter"]["chroma_cosine"] == 1  # only the prompt with a melody
     assert [p["id"] for p in data["prompts"]] == ["calm", "tune"]
     page = (tmp_path / "report" / "report.html").read_text()
     sources = re.findall(r'<audio controls preload="metadata" src="([^"]+)">', page)
-    assert {"audio/calm_base.wav", "audio/calm_adapter.wav", "audio/tune_melody.wav", "audio/tune_base.wav",
-            "audio/tune_adapter.wav"} <= set(sources)
+    assert {
+        "audio/calm_base.wav",
+        "audio/calm_adapter.wav",
+        "audio/tune_melody.wav",
+        "audio/tune_base.wav",
+        "audio/tune_adapter.wav",
+    } <= set(sources)
     for src in sources + re.findall(r'<img src="([^"]+)"', page):
         assert (tmp_path / "report" / src).stat().st_size > 0, src
     assert "calm piano &lt;b&gt;&amp;amp; strings" in page and "<b>&amp;" not in page
@@ -107,7 +140,9 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(train
 
 def test_evaluate_adapter_is_a_flat_float_dict_for_tune(trained_adapter, prompts, reference_dir):
     only = evaluate_adapter(trained_adapter, prompts, reference_dir, **FAST)
-    assert {"clap_score", "kad", "fad", "kad_encodec", "kad_mel_stats", "mel_mse", "chroma_cosine"} <= set(only)
+    assert {"clap_score", "kad", "fad", "kad_encodec", "kad_mel_stats", "mel_mse", "chroma_cosine"} <= set(
+        only
+    )
     assert "harmonic_accuracy" not in only  # music=False
     assert all(isinstance(v, float) and math.isfinite(v) for v in only.values())
     both = evaluate_adapter(trained_adapter, prompts, reference_dir, include_base=True, **FAST)
@@ -118,8 +153,9 @@ def test_evaluate_adapter_is_a_flat_float_dict_for_tune(trained_adapter, prompts
 def test_periodic_evaluator_restores_train_mode_and_rng(tiny_musicgen_dir, prompts, reference_dir):
     family = get_family("musicgen-melody")
     loaded = family.load(tiny_musicgen_dir)
-    evaluator = build_evaluator(family, loaded, prompts, reference_dir, embedders=("clap",), duration_s=0.5,
-                                music=False)
+    evaluator = build_evaluator(
+        family, loaded, prompts, reference_dir, embedders=("clap",), duration_s=0.5, music=False
+    )
     loaded.model.train()
     torch.manual_seed(123)
     state = torch.get_rng_state()

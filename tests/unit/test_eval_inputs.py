@@ -26,10 +26,14 @@ def _jsonl(path, rows) -> str:
 def test_load_prompts_defaults_and_relative_melody(tmp_path):
     (tmp_path / "tunes").mkdir()
     _write_tone(tmp_path / "tunes" / "m.wav", 262, 3.0, sr=22050)
-    path = _jsonl(tmp_path / "prompts.jsonl", [
-        {"prompt": "calm piano"}, "", {"prompt": "folk", "seed": 7, "melody": "tunes/m.wav", "melody_start_s": 1.0,
-                                       "id": "folk-1"},
-    ])
+    path = _jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "calm piano"},
+            "",
+            {"prompt": "folk", "seed": 7, "melody": "tunes/m.wav", "melody_start_s": 1.0, "id": "folk-1"},
+        ],
+    )
     prompts = load_prompts(path, duration_s=1.5)
     assert [p.id for p in prompts] == ["p000", "folk-1"]
     assert [p.seed for p in prompts] == [0, 7]
@@ -96,12 +100,19 @@ def _shards(tmp_path, source: str, codes: np.ndarray) -> str:
         return buf.getvalue()
 
     out = tmp_path / "shards"
-    samples = [{"__key__": f"t0_{i}", "codes.npy": npy(codes), "json": {"caption": "x", "source": source,
-                                                                        "start_s": 2.0 * i, "duration_s": 2.0}}
-               for i in range(3)]
+    samples = [
+        {
+            "__key__": f"t0_{i}",
+            "codes.npy": npy(codes),
+            "json": {"caption": "x", "source": source, "start_s": 2.0 * i, "duration_s": 2.0},
+        }
+        for i in range(3)
+    ]
     info = write_shard(str(out / "val-00000-000.tar"), samples)
-    manifest = {"num_samples": {"train": 0, "val": 3},
-                "shards": [{"name": "val-00000-000.tar", "split": "val", "num_samples": info["num_samples"]}]}
+    manifest = {
+        "num_samples": {"train": 0, "val": 3},
+        "shards": [{"name": "val-00000-000.tar", "split": "val", "num_samples": info["num_samples"]}],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out)
 

@@ -51,8 +51,10 @@ def test_aggregate_averages_defined_values_and_gives_nan_when_none_is():
         {"clap_score": 0.2, "harmonic_accuracy": 80.0, "rhythmic_inconsistency": None},
         {"clap_score": 0.4, "harmonic_accuracy": None, "rhythmic_inconsistency": None},
     ]
-    errors = [{"rhythmic_inconsistency": "too few onsets"},
-              {"harmonic_accuracy": "no pitch", "rhythmic_inconsistency": "too few onsets"}]
+    errors = [
+        {"rhythmic_inconsistency": "too few onsets"},
+        {"harmonic_accuracy": "no pitch", "rhythmic_inconsistency": "too few onsets"},
+    ]
     out = scoring.aggregate(per_clip, errors)
     assert out.metrics["clap_score"] == pytest.approx(0.3)
     assert out.metrics["harmonic_accuracy"] == 80.0 and out.counts["harmonic_accuracy"] == 1
@@ -72,12 +74,17 @@ def test_music_scores_at_the_family_rate_scale_and_noise():
     notes = [60, 62, 64, 65, 67, 69, 71, 72]  # C major, C4..C5
     seconds = 0.25
     t = np.arange(int(seconds * SR)) / SR
-    scale = np.concatenate([0.4 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in notes]).astype(np.float32)
+    scale = np.concatenate([0.4 * np.sin(2 * np.pi * 440 * 2 ** ((n - 69) / 12) * t) for n in notes]).astype(
+        np.float32
+    )
     values, errors = scoring.music_scores(scale, SR)
     assert values["harmonic_accuracy"] == pytest.approx(100.0)
     assert values["melodic_complexity"] == 8 and "harmonic_accuracy" not in errors
     silence_values, silence_errors = scoring.music_scores(np.zeros(SR, np.float32), SR)
-    assert "harmonic_accuracy" not in silence_values and "no pitched frame" in silence_errors["harmonic_accuracy"]
+    assert (
+        "harmonic_accuracy" not in silence_values
+        and "no pitched frame" in silence_errors["harmonic_accuracy"]
+    )
     assert "rhythmic_inconsistency" in silence_errors
 
 

@@ -15,7 +15,9 @@ SR = 32000
 def _clips(n: int, seconds: float = 0.4) -> torch.Tensor:
     t = np.arange(int(seconds * SR)) / SR
     rng = np.random.default_rng(0)
-    rows = [0.3 * np.sin(2 * np.pi * (110 * (i + 1)) * t) + 0.05 * rng.standard_normal(t.size) for i in range(n)]
+    rows = [
+        0.3 * np.sin(2 * np.pi * (110 * (i + 1)) * t) + 0.05 * rng.standard_normal(t.size) for i in range(n)
+    ]
     return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 

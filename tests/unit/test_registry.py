@@ -119,6 +119,13 @@ def test_publish_rejects_bad_sources_and_names(tmp_path, adapter_dirs):
         reg.publish(adapter_dirs[0], "../x")
     with pytest.raises(ValueError, match="card says family"):
         reg.publish(adapter_dirs[0], "x", family="audioldm")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in Path(adapter_dirs[0]).iterdir():
+        (pickled / f.name).write_bytes(f.read_bytes())
+    (pickled / "optimizer.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="pickle files"):
+        reg.publish(str(pickled), "x")
     with pytest.raises(AdapterNotFoundError):
         reg.resolve("x")
 

@@ -111,7 +111,10 @@ def corpus_rows(cache_dir: str, packages: list[str]) -> dict[str, list[dict[str,
 
     info = build_corpus("adaptation", cache_dir=cache_dir, packages=packages, verify=False)
     rows = [json.loads(line) for line in Path(info.metadata_path).read_text().splitlines() if line.strip()]
-    return {p: sorted((r for r in rows if r["source_package"].split("=")[0] == p), key=lambda r: r["path"]) for p in packages}
+    return {
+        p: sorted((r for r in rows if r["source_package"].split("=")[0] == p), key=lambda r: r["path"])
+        for p in packages
+    }
 
 
 def track_segments(row: dict[str, Any], sample_rate: int, s: AdaptationSettings) -> list[Segment]:
@@ -126,15 +129,24 @@ def track_segments(row: dict[str, Any], sample_rate: int, s: AdaptationSettings)
     windows = [w for w in segment(y, sample_rate, s.segment_s) if not is_silent(w.audio)]
     if not windows:
         raise ValueError(f"{row['path']}: no non-silent {s.segment_s} s segment")
-    picks = sorted({int(i) for i in np.linspace(0, len(windows) - 1, min(s.segments_per_track, len(windows))).round()})
+    picks = sorted(
+        {int(i) for i in np.linspace(0, len(windows) - 1, min(s.segments_per_track, len(windows))).round()}
+    )
     return [
-        Segment(key=f"{Path(row['path']).stem}_{windows[i].start / sample_rate:.0f}", audio=windows[i].audio,
-                num_valid=windows[i].num_valid, caption=row["caption"], meta={"source": row["path"]})
+        Segment(
+            key=f"{Path(row['path']).stem}_{windows[i].start / sample_rate:.0f}",
+            audio=windows[i].audio,
+            num_valid=windows[i].num_valid,
+            caption=row["caption"],
+            meta={"source": row["path"]},
+        )
         for i in picks
     ]
 
 
-def style_data(package: str, rows: list[dict[str, Any]], sample_rate: int, s: AdaptationSettings) -> StyleData:
+def style_data(
+    package: str, rows: list[dict[str, Any]], sample_rate: int, s: AdaptationSettings
+) -> StyleData:
     """Decode and segment a package's tracks; every `heldout_every`-th track goes to the held-out split."""
     data = StyleData(package)
     for i, row in enumerate(rows):
@@ -147,7 +159,9 @@ def style_data(package: str, rows: list[dict[str, Any]], sample_rate: int, s: Ad
         getattr(data, split).extend(segs)
         data.tracks[split] += 1
     if not data.train or not data.heldout:
-        raise ValueError(f"{package}: {data.tracks} tracks; need training and held-out tracks (lower heldout_every?)")
+        raise ValueError(
+            f"{package}: {data.tracks} tracks; need training and held-out tracks (lower heldout_every?)"
+        )
     return data
 
 
@@ -174,7 +188,9 @@ def train(model, family, loaded, samples, steps: int, lr: float, batch_size: int
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, max(1, steps // 20), steps)
-        batch = family.collate([samples[j] for j in rng.choice(len(samples), batch_size, replace=False)], loaded)
+        batch = family.collate(
+            [samples[j] for j in rng.choice(len(samples), batch_size, replace=False)], loaded
+        )
         loss = family.loss(model, batch)
         opt.zero_grad()
         loss.backward()
@@ -197,17 +213,27 @@ def heldout_loss(model, family, loaded, samples, batch_size: int = 8) -> float:
     return total / count
 
 
-def _eval_inputs(target: StyleData, sample_rate: int, s: AdaptationSettings) -> tuple[list[PromptSpec], ReferenceSet]:
+def _eval_inputs(
+    target: StyleData, sample_rate: int, s: AdaptationSettings
+) -> tuple[list[PromptSpec], ReferenceSet]:
     n = round(s.eval_duration_s * sample_rate)
     held = target.heldout
     picks = sorted({int(i) for i in np.linspace(0, len(held) - 1, min(s.eval_prompts, len(held))).round()})
     prompts = [
-        PromptSpec(id=f"p{j:02d}", text=held[i].caption, seed=s.seed + j, melody=held[i].audio[:n],
-                   melody_sample_rate=sample_rate, melody_source=held[i].key)
+        PromptSpec(
+            id=f"p{j:02d}",
+            text=held[i].caption,
+            seed=s.seed + j,
+            melody=held[i].audio[:n],
+            melody_sample_rate=sample_rate,
+            melody_source=held[i].key,
+        )
         for j, i in enumerate(picks)
     ]
     reference = ReferenceSet(
-        wavs=[seg.audio[:n] for seg in held], sample_rate=sample_rate, labels=[seg.key for seg in held],
+        wavs=[seg.audio[:n] for seg in held],
+        sample_rate=sample_rate,
+        labels=[seg.key for seg in held],
         origin=f"{target.package} held-out tracks ({len(held)} segments)",
     )
     return prompts, reference
@@ -224,8 +250,9 @@ def _fit_codec(loaded, base: StyleData, s: AdaptationSettings) -> dict[str, Any]
     from musiclora.eval.tiny_codec import fit_tiny_codec
 
     wavs = torch.from_numpy(np.stack([seg.audio for seg in base.train]))
-    return fit_tiny_codec(loaded.model.audio_encoder, wavs, entries=s.codec_entries, decoder_steps=s.codec_steps,
-                          seed=s.seed)
+    return fit_tiny_codec(
+        loaded.model.audio_encoder, wavs, entries=s.codec_entries, decoder_steps=s.codec_steps, seed=s.seed
+    )
 
 
 def _evaluate(family, model, loaded, target: StyleData, s: AdaptationSettings, out: Path):
@@ -236,11 +263,28 @@ def _evaluate(family, model, loaded, target: StyleData, s: AdaptationSettings, o
     prompts, reference = _eval_inputs(target, family.sample_rate, s)
     bundle = load_clap_bundle("tiny")
     embedders = build_embedders(s.embedders, bundle, loaded.model.audio_encoder, "clap-tiny")
-    evaluator = Evaluator(family, prompts, reference, bundle, embedders, duration_s=s.eval_duration_s,
-                          guidance_scale=s.guidance_scale)
-    comparison = compare(evaluator, model, loaded.tokenizer, info={
-        "family": family.name, "base": f"tiny, full fine-tune on {s.base_package}", "adapter": str(out / "adapter"),
-        "clap": "tiny (random weights)", "duration_s": s.eval_duration_s, "guidance_scale": s.guidance_scale})
+    evaluator = Evaluator(
+        family,
+        prompts,
+        reference,
+        bundle,
+        embedders,
+        duration_s=s.eval_duration_s,
+        guidance_scale=s.guidance_scale,
+    )
+    comparison = compare(
+        evaluator,
+        model,
+        loaded.tokenizer,
+        info={
+            "family": family.name,
+            "base": f"tiny, full fine-tune on {s.base_package}",
+            "adapter": str(out / "adapter"),
+            "clap": "tiny (random weights)",
+            "duration_s": s.eval_duration_s,
+            "guidance_scale": s.guidance_scale,
+        },
+    )
     write_report(comparison, out / "report", title=f"adaptation to {s.target_package}: base vs LoRA")
     return comparison
 
@@ -263,7 +307,7 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
         RuntimeError: a corpus package cannot be fetched.
         ValueError: too few usable tracks for a split.
     """
-    from musiclora.eval.report import _clean
+    from musiclora.eval.report import clean_json
     from musiclora.plots import plot_losses
 
     out = Path(out_dir)
@@ -280,18 +324,26 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
     t0 = time.perf_counter()
     rows = corpus_rows(s.cache_dir, [s.base_package, s.target_package])
     base_data = style_data(s.base_package, rows[s.base_package][: s.base_tracks], family.sample_rate, s)
-    target_data = style_data(s.target_package, rows[s.target_package][: s.target_tracks], family.sample_rate, s)
+    target_data = style_data(
+        s.target_package, rows[s.target_package][: s.target_tracks], family.sample_rate, s
+    )
     t0 = stage("audio_s", t0)
     loaded = family.load("tiny")
     codec_fit = _fit_codec(loaded, base_data, s)
     t0 = stage("codec_s", t0)
-    sets = {f"{name}_{split}": encode(family, loaded, getattr(data, split))
-            for name, data in (("base", base_data), ("target", target_data)) for split in ("train", "heldout")}
+    sets = {
+        f"{name}_{split}": encode(family, loaded, getattr(data, split))
+        for name, data in (("base", base_data), ("target", target_data))
+        for split in ("train", "heldout")
+    }
     t0 = stage("encode_s", t0)
     model = loaded.model
 
     def measure(name: str) -> None:
-        losses[name] = {k: heldout_loss(model, family, loaded, sets[k], s.batch_size) for k in ("base_heldout", "target_heldout")}
+        losses[name] = {
+            k: heldout_loss(model, family, loaded, sets[k], s.batch_size)
+            for k in ("base_heldout", "target_heldout")
+        }
         _log(f"held-out loss, {name}: {losses[name]}", t_all)
 
     measure("init")
@@ -300,7 +352,9 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
     for p in model.audio_encoder.parameters():
         p.requires_grad_(False)
     lm_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base_curve = train(model, family, loaded, sets["base_train"], s.base_steps, s.base_lr, s.batch_size, s.seed)
+    base_curve = train(
+        model, family, loaded, sets["base_train"], s.base_steps, s.base_lr, s.batch_size, s.seed
+    )
     t0 = stage("base_train_s", t0)
     measure("base")
     base_dir = out / "base"
@@ -308,14 +362,27 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
     loaded.tokenizer.save_pretrained(str(base_dir))
 
     t0 = time.perf_counter()
-    model = apply_lora(model, family, AdapterConfig(preset=s.preset, r=s.r, lora_alpha=s.lora_alpha,
-                                                    lora_dropout=s.lora_dropout))
+    model = apply_lora(
+        model,
+        family,
+        AdapterConfig(preset=s.preset, r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout),
+    )
     lora_report = trainable_report(model)
-    lora_curve = train(model, family, loaded, sets["target_train"], s.lora_steps, s.lora_lr, s.batch_size, s.seed + 1)
+    lora_curve = train(
+        model, family, loaded, sets["target_train"], s.lora_steps, s.lora_lr, s.batch_size, s.seed + 1
+    )
     t0 = stage("lora_train_s", t0)
     measure("adapter")
-    save_adapter(model, str(out / "adapter"), card={"family": family.name, "base_model": str(base_dir.resolve()),
-                                                    "preset": s.preset, "trained_on": s.target_package})
+    save_adapter(
+        model,
+        str(out / "adapter"),
+        card={
+            "family": family.name,
+            "base_model": str(base_dir.resolve()),
+            "preset": s.preset,
+            "trained_on": s.target_package,
+        },
+    )
     plot_losses(base_curve, str(out / "loss_base.png"), title=f"base: full fine-tuning on {s.base_package}")
     plot_losses(lora_curve, str(out / "loss_lora.png"), title=f"LoRA ({s.preset}) on {s.target_package}")
 
@@ -325,18 +392,28 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
     timings["total_s"] = time.perf_counter() - t_all
 
     result = {
-        "settings": asdict(s), "timings_s": timings, "codec": codec_fit, "heldout_loss": losses,
-        "lm_parameters": lm_params, "lora": lora_report,
-        "train_loss": {"base_first10": float(np.mean(base_curve[:10])), "base_last10": float(np.mean(base_curve[-10:])),
-                       "lora_first10": float(np.mean(lora_curve[:10])), "lora_last10": float(np.mean(lora_curve[-10:]))},
-        "data": {k: {"tracks": d.tracks, "train_segments": len(d.train), "heldout_segments": len(d.heldout)}
-                 for k, d in (("base", base_data), ("target", target_data))},
+        "settings": asdict(s),
+        "timings_s": timings,
+        "codec": codec_fit,
+        "heldout_loss": losses,
+        "lm_parameters": lm_params,
+        "lora": lora_report,
+        "train_loss": {
+            "base_first10": float(np.mean(base_curve[:10])),
+            "base_last10": float(np.mean(base_curve[-10:])),
+            "lora_first10": float(np.mean(lora_curve[:10])),
+            "lora_last10": float(np.mean(lora_curve[-10:])),
+        },
+        "data": {
+            k: {"tracks": d.tracks, "train_segments": len(d.train), "heldout_segments": len(d.heldout)}
+            for k, d in (("base", base_data), ("target", target_data))
+        },
         "metrics": {m: comparison.scores[m].metrics for m in ("base", "adapter")},
         "counts": {m: comparison.scores[m].counts for m in ("base", "adapter")},
         "reference_music": comparison.evaluator.reference_music(),
     }
     result["markdown"] = adaptation_markdown(result, comparison)
-    (out / "adaptation.json").write_text(json.dumps(_clean(result), indent=2))
+    (out / "adaptation.json").write_text(json.dumps(clean_json(result), indent=2))
     (out / "adaptation_table.md").write_text(result["markdown"])
     return result
 
@@ -344,27 +421,48 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path) -> dict[str, Any]
 def adaptation_markdown(r: dict[str, Any], comparison) -> str:
     """The adaptation table as Markdown: setup, held-out loss, metrics base vs adapter, notes."""
     from musiclora.eval import scoring
-    from musiclora.eval.report import _label, _md_table, fmt
+    from musiclora.eval.report import fmt, md_table, metric_label
 
     s, d, t = r["settings"], r["data"], r["timings_s"]
     uniform = math.log(r["settings"]["codec_entries"])
     loss = r["heldout_loss"]
     loss_rows = [
-        ["tiny LM, random init (codec fitted)", fmt(loss["init"]["base_heldout"]), fmt(loss["init"]["target_heldout"])],
-        [f"base: full fine-tune on {s['base_package']}, {s['base_steps']} steps", fmt(loss["base"]["base_heldout"]),
-         fmt(loss["base"]["target_heldout"])],
-        [f"base + LoRA ({s['preset']}, r {s['r']}) on {s['target_package']}, {s['lora_steps']} steps",
-         fmt(loss["adapter"]["base_heldout"]), fmt(loss["adapter"]["target_heldout"])],
+        [
+            "tiny LM, random init (codec fitted)",
+            fmt(loss["init"]["base_heldout"]),
+            fmt(loss["init"]["target_heldout"]),
+        ],
+        [
+            f"base: full fine-tune on {s['base_package']}, {s['base_steps']} steps",
+            fmt(loss["base"]["base_heldout"]),
+            fmt(loss["base"]["target_heldout"]),
+        ],
+        [
+            f"base + LoRA ({s['preset']}, r {s['r']}) on {s['target_package']}, {s['lora_steps']} steps",
+            fmt(loss["adapter"]["base_heldout"]),
+            fmt(loss["adapter"]["target_heldout"]),
+        ],
     ]
     base_m, ad_m = r["metrics"]["base"], r["metrics"]["adapter"]
-    ref = {k: np.mean([x[k] for x in r["reference_music"] if x.get(k) is not None] or [np.nan])
-           for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")}
+    ref = {
+        k: np.mean([x[k] for x in r["reference_music"] if x.get(k) is not None] or [np.nan])
+        for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")
+    }
     metric_rows = []
     for k in ad_m:
         if k in ("kad", "fad"):
             continue
         arrow = {True: "higher", False: "lower", None: "-"}[scoring.direction(k)]
-        metric_rows.append([_label(k), arrow, fmt(base_m[k]), fmt(ad_m[k]), fmt(ad_m[k] - base_m[k]), fmt(ref.get(k)) if k in ref else ""])
+        metric_rows.append(
+            [
+                metric_label(k),
+                arrow,
+                fmt(base_m[k]),
+                fmt(ad_m[k]),
+                fmt(ad_m[k] - base_m[k]),
+                fmt(ref.get(k)) if k in ref else "",
+            ]
+        )
     setup = (
         f"Tiny MusicGen-Melody ({r['lm_parameters']:,} trainable LM parameters in full fine-tuning; LoRA "
         f"{r['lora']['trainable']:,} = {r['lora']['trainable_pct']} % of {r['lora']['total']:,}). "
@@ -406,10 +504,10 @@ def adaptation_markdown(r: dict[str, Any], comparison) -> str:
         f"# Small-scale adaptation: {s['base_package']} -> {s['target_package']}",
         setup,
         "## Held-out loss (cross-entropy in nats, mean over 4 codebooks; lower is better)",
-        _md_table(["model", f"{s['base_package']} held out", f"{s['target_package']} held out"], loss_rows),
+        md_table(["model", f"{s['base_package']} held out", f"{s['target_package']} held out"], loss_rows),
         f"Uniform guessing over the {s['codec_entries']} used codes scores ln {s['codec_entries']} = {uniform:.3f}.",
         metrics_head,
-        _md_table(["metric", "better", "base", "base + LoRA", "delta", "reference clips"], metric_rows),
+        md_table(["metric", "better", "base", "base + LoRA", "delta", "reference clips"], metric_rows),
         "## Notes",
         "\n".join(notes),
     ]

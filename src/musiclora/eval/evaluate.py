@@ -64,7 +64,9 @@ def load_clap_bundle(clap: str = "tiny"):
     return build_tiny_clap(seed=0, sample_rate=16000, max_length_s=1) if clap == "tiny" else load_clap(clap)
 
 
-def build_embedders(names: Sequence[str], clap_bundle, codec: nn.Module | None = None, clap_name: str = "clap"):
+def build_embedders(
+    names: Sequence[str], clap_bundle, codec: nn.Module | None = None, clap_name: str = "clap"
+):
     """Resolve embedder specs to embedders, keyed by metric suffix (see `scoring.metric_key`).
 
     Specs: "clap" (audio tower of `clap_bundle`), "encodec" (`codec`, the base model's own
@@ -85,7 +87,9 @@ def build_embedders(names: Sequence[str], clap_bundle, codec: nn.Module | None =
             emb = ClapAudioEmbedder(clap_bundle.model, clap_bundle.feature_extractor, name=clap_name)
         elif name == "encodec":
             if codec is None:
-                raise ValueError("embedder 'encodec': this family's model has no EnCodec; use encodec:<hub id>")
+                raise ValueError(
+                    "embedder 'encodec': this family's model has no EnCodec; use encodec:<hub id>"
+                )
             emb = EncodecEmbedder(codec, name="encodec")
         elif name.startswith("encodec:"):
             emb = load_encodec(name.split(":", 1)[1])
@@ -171,7 +175,9 @@ class Evaluator:
             )
         self._ref_emb = self.embed(self.reference.wavs)
         self._distances = scoring.ReferenceDistances(self.reference.wavs, self.sample_rate)
-        self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)([p.text for p in self.prompts])
+        self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)(
+            [p.text for p in self.prompts]
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -191,7 +197,13 @@ class Evaluator:
         with _eval_mode(model):
             for p in self.prompts:
                 audio, sr = self.family.generate(
-                    model, tokenizer, p.text, self.duration_s, self.guidance_scale, p.seed, p.melody,
+                    model,
+                    tokenizer,
+                    p.text,
+                    self.duration_s,
+                    self.guidance_scale,
+                    p.seed,
+                    p.melody,
                     p.melody_sample_rate,
                 )
                 audio = resample(audio, sr, self.sample_rate) if sr != self.sample_rate else audio
@@ -206,7 +218,9 @@ class Evaluator:
         clap_audio = self._clap_audio(clips)
         per_clip, errors = [], []
         for i, (p, wav) in enumerate(zip(self.prompts, clips)):
-            row: dict[str, float | None] = {"clap_score": scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]}
+            row: dict[str, float | None] = {
+                "clap_score": scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]
+            }
             err: dict[str, str] = {}
             row.update(self._distances(wav))
             if self.music:
@@ -215,19 +229,32 @@ class Evaluator:
                     row[name] = values.get(name)
                 err.update(problems)
             if p.melody is not None:
-                row["chroma_cosine"], problem = scoring.chroma_or_none(p.melody, p.melody_sample_rate, wav, self.sample_rate)
+                row["chroma_cosine"], problem = scoring.chroma_or_none(
+                    p.melody, p.melody_sample_rate, wav, self.sample_rate
+                )
                 if problem:
                     err["chroma_cosine"] = problem
             per_clip.append(row)
             errors.append(err)
         result = scoring.aggregate(per_clip, errors)
-        result.metrics = {"clap_score": result.metrics.pop("clap_score"), **scoring.distribution_scores(self._ref_emb, gen_emb), **result.metrics}
+        result.metrics = {
+            "clap_score": result.metrics.pop("clap_score"),
+            **scoring.distribution_scores(self._ref_emb, gen_emb),
+            **result.metrics,
+        }
         return result
 
     def _clap_audio(self, clips: list[np.ndarray]) -> np.ndarray:
         from musiclora.eval.embeddings import ClapAudioEmbedder
 
-        emb = next((e for e in self.embedders.values() if isinstance(e, ClapAudioEmbedder) and e.model is self.clap.model), None)
+        emb = next(
+            (
+                e
+                for e in self.embedders.values()
+                if isinstance(e, ClapAudioEmbedder) and e.model is self.clap.model
+            ),
+            None,
+        )
         emb = emb or ClapAudioEmbedder(self.clap.model, self.clap.feature_extractor)
         return emb([resample(w, self.sample_rate, emb.sample_rate) for w in clips])
 
@@ -237,7 +264,12 @@ class Evaluator:
             self._ref_music = []
             for wav in self.reference.wavs[: self.max_reference_music]:
                 values, _ = scoring.music_scores(wav, self.sample_rate)
-                self._ref_music.append({k: values.get(k) for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")})
+                self._ref_music.append(
+                    {
+                        k: values.get(k)
+                        for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency")
+                    }
+                )
         return self._ref_music
 
     def __call__(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
@@ -278,14 +310,23 @@ def build_evaluator(
     codec = _codec_of(loaded)
     if not isinstance(reference, ReferenceSet):
         reference = load_reference(
-            reference, family.sample_rate, duration_s, max_reference_clips, reference_split,
+            reference,
+            family.sample_rate,
+            duration_s,
+            max_reference_clips,
+            reference_split,
             decode_codes=codes_decoder(codec) if codec is not None else None,
         )
     bundle = load_clap_bundle(clap)
     return Evaluator(
-        family=family, prompts=prompts, reference=reference, clap=bundle,
+        family=family,
+        prompts=prompts,
+        reference=reference,
+        clap=bundle,
         embedders=build_embedders(embedders, bundle, codec, clap_name=f"clap-{clap}"),
-        duration_s=duration_s, guidance_scale=guidance_scale, music=music,
+        duration_s=duration_s,
+        guidance_scale=guidance_scale,
+        music=music,
     )
 
 
@@ -311,7 +352,9 @@ class Comparison:
         return {k: adapter[k] - base[k] for k in adapter if k in base}
 
 
-def compare(evaluator: Evaluator, peft_model: nn.Module, tokenizer: Any, info: dict[str, Any] | None = None) -> Comparison:
+def compare(
+    evaluator: Evaluator, peft_model: nn.Module, tokenizer: Any, info: dict[str, Any] | None = None
+) -> Comparison:
     """Generate and score with the adapter disabled (base) and enabled, same prompts and seeds.
 
     Args:
@@ -343,14 +386,25 @@ def _load_with_adapter(adapter: str, base: str | None, family: str | None):
     family = family or card.get("family") or "musicgen-melody"
     base = base or card.get("base_model")
     if not base:
-        raise ValueError(f"evaluate: no base model given and the adapter card at {adapter} names none (pass base)")
+        raise ValueError(
+            f"evaluate: no base model given and the adapter card at {adapter} names none (pass base)"
+        )
     fam = get_family(family)
     loaded = fam.load(base)
-    return fam, loaded, load_adapter(loaded.model, adapter), {"adapter": adapter, "base": base, "family": family}
+    return (
+        fam,
+        loaded,
+        load_adapter(loaded.model, adapter),
+        {"adapter": adapter, "base": base, "family": family},
+    )
 
 
 def _prompts(prompts: str | os.PathLike | list[PromptSpec], duration_s: float) -> list[PromptSpec]:
-    return load_prompts(prompts, duration_s=duration_s) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    return (
+        load_prompts(prompts, duration_s=duration_s)
+        if isinstance(prompts, (str, os.PathLike))
+        else list(prompts)
+    )
 
 
 def evaluate(
@@ -390,8 +444,17 @@ def evaluate(
     fam, loaded, peft_model, info = _load_with_adapter(adapter, base, family)
     specs = _prompts(prompts, duration_s)
     evaluator = build_evaluator(
-        fam, loaded, specs, reference, clap, embedders, duration_s, guidance_scale, max_reference_clips,
-        reference_split, music,
+        fam,
+        loaded,
+        specs,
+        reference,
+        clap,
+        embedders,
+        duration_s,
+        guidance_scale,
+        max_reference_clips,
+        reference_split,
+        music,
     )
     info.update(clap=clap, embedders=list(embedders), duration_s=duration_s, guidance_scale=guidance_scale)
     result = compare(evaluator, peft_model, loaded.tokenizer, info)
@@ -434,8 +497,17 @@ def evaluate_adapter(
     """
     fam, loaded, peft_model, _ = _load_with_adapter(adapter, base, family)
     evaluator = build_evaluator(
-        fam, loaded, _prompts(prompts, duration_s), reference, clap, embedders, duration_s, guidance_scale,
-        max_reference_clips, None, music,
+        fam,
+        loaded,
+        _prompts(prompts, duration_s),
+        reference,
+        clap,
+        embedders,
+        duration_s,
+        guidance_scale,
+        max_reference_clips,
+        None,
+        music,
     )
     if not include_base:
         return evaluator(peft_model, loaded.tokenizer)

@@ -84,7 +84,9 @@ def load_melody(path: str, start_s: float = 0.0, duration_s: float | None = None
     stop = None if duration_s is None else start + round(duration_s * sr)
     clip = mono[start:stop]
     if clip.size == 0:
-        raise ValueError(f"melody {path}: nothing left after melody_start_s={start_s} (file is {mono.size / sr:.2f} s)")
+        raise ValueError(
+            f"melody {path}: nothing left after melody_start_s={start_s} (file is {mono.size / sr:.2f} s)"
+        )
     return clip.astype(np.float32), int(sr)
 
 
@@ -120,11 +122,15 @@ def load_prompts(path: str | os.PathLike, duration_s: float | None = None) -> li
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"{where}: {problems}") from None
         index = len(prompts)
-        spec = PromptSpec(id=row.id or f"p{index:03d}", text=row.prompt, seed=index if row.seed is None else row.seed)
+        spec = PromptSpec(
+            id=row.id or f"p{index:03d}", text=row.prompt, seed=index if row.seed is None else row.seed
+        )
         if row.melody:
             melody_path = _resolve(row.melody, base)
             try:
-                spec.melody, spec.melody_sample_rate = load_melody(melody_path, row.melody_start_s, duration_s)
+                spec.melody, spec.melody_sample_rate = load_melody(
+                    melody_path, row.melody_start_s, duration_s
+                )
             except AudioDecodeError as exc:
                 raise ValueError(f"{where}: melody {exc}") from exc
             spec.melody_source = f"{melody_path}@{row.melody_start_s:g}s"
@@ -205,18 +211,27 @@ def _audio_reference(source: str, sample_rate: int, clip_s: float, max_clips: in
         except (AudioDecodeError, ValueError) as exc:
             skipped.append(f"{path}: {exc}")
     # round-robin over tracks so a few long tracks do not fill the set
-    ordered = [t[i] for i in range(max((len(t) for t in per_track), default=0)) for t in per_track if i < len(t)]
+    ordered = [
+        t[i] for i in range(max((len(t) for t in per_track), default=0)) for t in per_track if i < len(t)
+    ]
     chosen = ordered[:max_clips]
     if len(chosen) < 2:
         raise ValueError(f"reference {source}: {len(chosen)} usable clip(s) of {clip_s} s; need at least 2")
     return ReferenceSet(
-        wavs=[c[1] for c in chosen], sample_rate=sample_rate, labels=[c[0] for c in chosen], origin=source,
+        wavs=[c[1] for c in chosen],
+        sample_rate=sample_rate,
+        labels=[c[0] for c in chosen],
+        origin=source,
         notes={"tracks": len(paths), "skipped": skipped},
     )
 
 
 def _shard_reference(
-    source: str, sample_rate: int, clip_s: float, max_clips: int, split: str | None,
+    source: str,
+    sample_rate: int,
+    clip_s: float,
+    max_clips: int,
+    split: str | None,
     decode_codes: Callable[[np.ndarray], np.ndarray] | None,
 ) -> ReferenceSet:
     from musiclora.data.shards import ShardStream, load_manifest, shard_urls
@@ -224,9 +239,15 @@ def _shard_reference(
     manifest = load_manifest(source)
     if split is None:
         split = "val" if manifest.get("num_samples", {}).get("val", 0) > 0 else "train"
-    samples = [s for s in ShardStream(shard_urls(source, split, manifest)) if s["json"].get("duration_s", clip_s) >= clip_s]
+    samples = [
+        s
+        for s in ShardStream(shard_urls(source, split, manifest))
+        if s["json"].get("duration_s", clip_s) >= clip_s
+    ]
     if len(samples) < 2:
-        raise ValueError(f"reference {source} ({split}): {len(samples)} segment(s) of at least {clip_s} s; need 2")
+        raise ValueError(
+            f"reference {source} ({split}): {len(samples)} segment(s) of at least {clip_s} s; need 2"
+        )
     n = round(clip_s * sample_rate)
     wavs, labels, decoded, cache = [], [], 0, {}
     for s in _spread(samples, max_clips):
@@ -251,7 +272,10 @@ def _shard_reference(
         wavs.append(np.pad(clip, (0, n - clip.size)).astype(np.float32))
         labels.append(label)
     return ReferenceSet(
-        wavs=wavs, sample_rate=sample_rate, labels=labels, origin=f"{source} ({split} split)",
+        wavs=wavs,
+        sample_rate=sample_rate,
+        labels=labels,
+        origin=f"{source} ({split} split)",
         notes={"segments_in_split": len(samples), "decoded_from_codes": decoded},
     )
 

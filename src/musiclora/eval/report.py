@@ -50,12 +50,12 @@ def fmt(value: Any) -> str:
     return f"{float(value):.4g}"
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
+def clean_json(obj: Any) -> Any:
+    """JSON-safe copy (strict JSON: no NaN): NaN/inf -> None, numpy scalars -> Python."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -63,7 +63,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _label(metric: str) -> str:
+def metric_label(metric: str) -> str:
     if metric.startswith(("kad_", "fad_")):
         kind, emb = metric.split("_", 1)
         return f"{kind.upper()} on {emb} embeddings" + (" (x100)" if kind == "kad" else "")
@@ -78,7 +78,7 @@ def _arrow(metric: str) -> str:
 def comparison_to_dict(result) -> dict[str, Any]:
     """Everything in a `Comparison` except the audio, JSON-ready (NaN as null)."""
     ev = result.evaluator
-    ref_music = ev._ref_music
+    ref_music = ev.reference_music() if ev.music else None
     reference_means = {}
     if ref_music:
         for k in ("harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency"):
@@ -86,24 +86,35 @@ def comparison_to_dict(result) -> dict[str, Any]:
             reference_means[k] = float(np.mean(vals)) if vals else None
     prompts = []
     for i, p in enumerate(ev.prompts):
-        prompts.append({
-            "id": p.id, "prompt": p.text, "seed": p.seed, "melody": p.melody_source,
-            **{m: result.scores[m].per_clip[i] for m in MODELS},
-        })
-    return _clean({
-        "metrics": {m: result.scores[m].metrics for m in MODELS},
-        "delta": result.delta(),
-        "counts": {m: result.scores[m].counts for m in MODELS},
-        "undefined_reasons": {m: result.scores[m].errors for m in MODELS},
-        "reference": {
-            "origin": ev.reference.origin, "clips": len(ev.reference.wavs), "clip_s": ev.duration_s,
-            "sample_rate": ev.reference.sample_rate, "labels": ev.reference.labels, "notes": ev.reference.notes,
-            "music_means": reference_means,
-        },
-        "embedders": {k: e.name for k, e in ev.embedders.items()},
-        "prompts": prompts,
-        "info": result.info,
-    })
+        prompts.append(
+            {
+                "id": p.id,
+                "prompt": p.text,
+                "seed": p.seed,
+                "melody": p.melody_source,
+                **{m: result.scores[m].per_clip[i] for m in MODELS},
+            }
+        )
+    return clean_json(
+        {
+            "metrics": {m: result.scores[m].metrics for m in MODELS},
+            "delta": result.delta(),
+            "counts": {m: result.scores[m].counts for m in MODELS},
+            "undefined_reasons": {m: result.scores[m].errors for m in MODELS},
+            "reference": {
+                "origin": ev.reference.origin,
+                "clips": len(ev.reference.wavs),
+                "clip_s": ev.duration_s,
+                "sample_rate": ev.reference.sample_rate,
+                "labels": ev.reference.labels,
+                "notes": ev.reference.notes,
+                "music_means": reference_means,
+            },
+            "embedders": {k: e.name for k, e in ev.embedders.items()},
+            "prompts": prompts,
+            "info": result.info,
+        }
+    )
 
 
 def _write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
@@ -141,8 +152,17 @@ def _summary_rows(data: dict[str, Any]) -> list[list[str]]:
         if k not in adapter:
             continue
         n = f"{counts['base'].get(k, 0)}/{counts['adapter'].get(k, 0)} of {len(data['prompts'])}"
-        rows.append([_label(k), _arrow(k), fmt(base.get(k)), fmt(adapter.get(k)), fmt(delta.get(k)),
-                     fmt(ref.get(k)) if k in ref else "", n])
+        rows.append(
+            [
+                metric_label(k),
+                _arrow(k),
+                fmt(base.get(k)),
+                fmt(adapter.get(k)),
+                fmt(delta.get(k)),
+                fmt(ref.get(k)) if k in ref else "",
+                n,
+            ]
+        )
     return rows
 
 
@@ -152,15 +172,25 @@ def _set_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for i, (key, name) in enumerate(data["embedders"].items()):
         label = f"{key} ({name})" + (" = kad / fad" if i == 0 else "")
-        rows.append([label] + [fmt(d.get(f"{kind}_{key}")) for kind in ("kad", "fad") for d in (base, adapter, delta)])
+        rows.append(
+            [label] + [fmt(d.get(f"{kind}_{key}")) for kind in ("kad", "fad") for d in (base, adapter, delta)]
+        )
     return rows
 
 
 SET_HEADER = ["embedder", "KAD base", "KAD adapter", "KAD delta", "FAD base", "FAD adapter", "FAD delta"]
-SUMMARY_HEADER = ["metric", "better", "base", "adapter", "adapter - base", "reference clips", "clips defined (b/a)"]
+SUMMARY_HEADER = [
+    "metric",
+    "better",
+    "base",
+    "adapter",
+    "adapter - base",
+    "reference clips",
+    "clips defined (b/a)",
+]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     def cell(s: str) -> str:
         return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -177,13 +207,22 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _prompt_rows(entry: dict[str, Any]) -> list[list[str]]:
     keys = [k for k in scoring.PER_CLIP if k in entry["base"] or k in entry["adapter"]]
-    return [[_label(k), fmt(entry["base"].get(k)), fmt(entry["adapter"].get(k))] for k in keys]
+    return [[metric_label(k), fmt(entry["base"].get(k)), fmt(entry["adapter"].get(k))] for k in keys]
 
 
 def _settings_rows(data: dict[str, Any]) -> list[list[str]]:
     info, ref = data["info"], data["reference"]
-    rows = [[k, str(info[k])] for k in ("family", "base", "adapter", "clap", "duration_s", "guidance_scale") if k in info]
-    rows.append(["reference", f"{ref['origin']}: {ref['clips']} clips of {ref['clip_s']} s at {ref['sample_rate']} Hz"])
+    rows = [
+        [k, str(info[k])]
+        for k in ("family", "base", "adapter", "clap", "duration_s", "guidance_scale")
+        if k in info
+    ]
+    rows.append(
+        [
+            "reference",
+            f"{ref['origin']}: {ref['clips']} clips of {ref['clip_s']} s at {ref['sample_rate']} Hz",
+        ]
+    )
     rows.append(["embedders (KAD/FAD)", ", ".join(f"{k} = {v}" for k, v in data["embedders"].items())])
     timings = info.get("timings", {})
     if timings:
@@ -203,14 +242,49 @@ code{background:#f5f5f5;padding:0 0.2rem}
 
 def _players_html(items: list[tuple[str, str]]) -> str:
     figs = "".join(
-        f'<figure><figcaption>{html.escape(name)}</figcaption>'
+        f"<figure><figcaption>{html.escape(name)}</figcaption>"
         f'<audio controls preload="metadata" src="{html.escape(src)}"></audio></figure>'
         for name, src in items
     )
     return f'<div class="players">{figs}</div>'
 
 
-def write_report(result, out_dir: str | os.PathLike, title: str = "musiclora evaluation: base vs adapter") -> dict[str, str]:
+def _prompt_section(result, i: int, entry: dict[str, Any], out: Path) -> tuple[str, str]:
+    """Write prompt i's WAVs and spectrogram PNG; return its Markdown and HTML sections."""
+    from musiclora.data.audio import resample
+
+    p, sr = result.evaluator.prompts[i], result.evaluator.sample_rate
+    players: list[tuple[str, str]] = []
+    rows: list[tuple[str, np.ndarray]] = []
+    if p.melody is not None:
+        melody = resample(p.melody, p.melody_sample_rate or sr, sr)
+        rows.append(("melody input", melody))
+    rows += [(m, result.clips[m][i]) for m in MODELS]
+    for name, wav in rows:
+        src = f"audio/{p.id}_{'melody' if name == 'melody input' else name}.wav"
+        _write_wav(out / src, wav, sr)
+        players.append((name, src))
+    png = f"spectrograms/{p.id}.png"
+    _spectrograms(out / png, rows, sr, f"{p.id}: {p.text}")
+    head = f"{p.id}: {p.text}"
+    meta = f"seed {p.seed}" + (f", melody {p.melody_source}" if p.melody_source else "")
+    table = _prompt_rows(entry)
+    links = " · ".join(f"[{name}]({src})" for name, src in players)
+    md = f"### {head}\n\n{meta}\n\n{links}\n\n![spectrograms of {p.id}]({png})\n\n" + md_table(
+        ["metric", "base", "adapter"], table
+    )
+    page = (
+        f"<section><h3>{html.escape(head)}</h3><p>{html.escape(meta)}</p>{_players_html(players)}"
+        f'<img src="{html.escape(png)}" alt="spectrograms of {html.escape(p.id)}">'
+        + _html_table(["metric", "base", "adapter"], table)
+        + "</section>"
+    )
+    return md, page
+
+
+def write_report(
+    result, out_dir: str | os.PathLike, title: str = "musiclora evaluation: base vs adapter"
+) -> dict[str, str]:
     """Write metrics.json, report.md, report.html, WAVs and spectrogram PNGs for a `Comparison`.
 
     Args:
@@ -225,60 +299,44 @@ def write_report(result, out_dir: str | os.PathLike, title: str = "musiclora eva
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / "spectrograms").mkdir(exist_ok=True)
     ev = result.evaluator
-    sr = ev.sample_rate
-    if ev.music:
-        ev.reference_music()
     data = comparison_to_dict(result)
-    (out / "metrics.json").write_text(json.dumps(data, indent=2, sort_keys=False))
-
-    sections_md, sections_html = [], []
-    for i, p in enumerate(ev.prompts):
-        players: list[tuple[str, str]] = []
-        rows = []
-        if p.melody is not None:
-            from musiclora.data.audio import resample
-
-            melody = resample(p.melody, p.melody_sample_rate or sr, sr)
-            _write_wav(out / "audio" / f"{p.id}_melody.wav", melody, sr)
-            players.append(("melody input", f"audio/{p.id}_melody.wav"))
-            rows.append(("melody input", melody))
-        for m in MODELS:
-            _write_wav(out / "audio" / f"{p.id}_{m}.wav", result.clips[m][i], sr)
-            players.append((m, f"audio/{p.id}_{m}.wav"))
-            rows.append((m, result.clips[m][i]))
-        png = f"spectrograms/{p.id}.png"
-        _spectrograms(out / png, rows, sr, f"{p.id}: {p.text}")
-        entry = data["prompts"][i]
-        head = f"{p.id}: {p.text}"
-        meta = f"seed {p.seed}" + (f", melody {p.melody_source}" if p.melody_source else "")
-        table = _prompt_rows(entry)
-        links = " · ".join(f"[{name}]({src})" for name, src in players)
-        sections_md.append(
-            f"### {head}\n\n{meta}\n\n{links}\n\n![spectrograms of {p.id}]({png})\n\n"
-            + _md_table(["metric", "base", "adapter"], table)
-        )
-        sections_html.append(
-            f"<section><h3>{html.escape(head)}</h3><p>{html.escape(meta)}</p>{_players_html(players)}"
-            f'<img src="{html.escape(png)}" alt="spectrograms of {html.escape(p.id)}">'
-            + _html_table(["metric", "base", "adapter"], table) + "</section>"
-        )
+    (out / "metrics.json").write_text(json.dumps(data, indent=2))
+    sections = [_prompt_section(result, i, data["prompts"][i], out) for i in range(len(ev.prompts))]
     ref_players = []
     for j, wav in enumerate(ev.reference.wavs[:REFERENCE_PLAYERS]):
-        _write_wav(out / "audio" / f"reference_{j}.wav", wav, sr)
+        _write_wav(out / "audio" / f"reference_{j}.wav", wav, ev.sample_rate)
         ref_players.append((ev.reference.labels[j], f"audio/reference_{j}.wav"))
 
     summary, sets, settings = _summary_rows(data), _set_rows(data), _settings_rows(data)
-    note = ("Per-clip metrics are means over the clips where they are defined; the reference column is the "
-            "same metric on the reference clips. Directions are conventions, not verdicts: melodic complexity "
-            "has none.")
-    set_note = ("KAD (x100, unbiased MMD², Gaussian kernel, median-distance bandwidth of the reference) and FAD "
-                "between the reference clips and each generated set; lower is closer. Both are set statistics: "
-                f"with {len(ev.prompts)} generated clips they are noisy, FAD most (it fits a covariance).")
-    md = "\n\n".join([
-        f"# {title}", _md_table(["setting", "value"], settings), "## Summary", _md_table(SUMMARY_HEADER, summary),
-        note, "## Distribution distances", _md_table(SET_HEADER, sets), set_note, "## Reference clips", " · ".join(f"[{n}]({s})" for n, s in ref_players),
-        "## Prompts", *sections_md,
-    ]) + "\n"
+    note = (
+        "Per-clip metrics are means over the clips where they are defined; the reference column is the "
+        "same metric on the reference clips. Directions are conventions, not verdicts: melodic complexity "
+        "has none."
+    )
+    set_note = (
+        "KAD (x100, unbiased MMD², Gaussian kernel, median-distance bandwidth of the reference) and FAD "
+        "between the reference clips and each generated set; lower is closer. Both are set statistics: "
+        f"with {len(ev.prompts)} generated clips they are noisy, FAD most (it fits a covariance)."
+    )
+    md = (
+        "\n\n".join(
+            [
+                f"# {title}",
+                md_table(["setting", "value"], settings),
+                "## Summary",
+                md_table(SUMMARY_HEADER, summary),
+                note,
+                "## Distribution distances",
+                md_table(SET_HEADER, sets),
+                set_note,
+                "## Reference clips",
+                " · ".join(f"[{n}]({s})" for n, s in ref_players),
+                "## Prompts",
+                *(md for md, _ in sections),
+            ]
+        )
+        + "\n"
+    )
     (out / "report.md").write_text(md)
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -288,8 +346,12 @@ def write_report(result, out_dir: str | os.PathLike, title: str = "musiclora eva
         f"<h2>Summary</h2>{_html_table(SUMMARY_HEADER, summary)}<p>{html.escape(note)}</p>"
         f"<h2>Distribution distances</h2>{_html_table(SET_HEADER, sets)}<p>{html.escape(set_note)}</p>"
         f"<h2>Reference clips</h2>{_players_html(ref_players)}"
-        f"<h2>Prompts</h2>{''.join(sections_html)}</body></html>\n"
+        f"<h2>Prompts</h2>{''.join(page for _, page in sections)}</body></html>\n"
     )
     (out / "report.html").write_text(page)
-    return {"dir": str(out), "json": str(out / "metrics.json"), "markdown": str(out / "report.md"),
-            "html": str(out / "report.html")}
+    return {
+        "dir": str(out),
+        "json": str(out / "metrics.json"),
+        "markdown": str(out / "report.md"),
+        "html": str(out / "report.html"),
+    }

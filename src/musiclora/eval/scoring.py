@@ -46,15 +46,27 @@ MUSIC_SAMPLE_RATE = 22050
 """Rate the music-theory metrics run at (pYIN frames of 2048 samples = 93 ms)."""
 
 HIGHER_IS_BETTER = {
-    "clap_score": True, "kad": False, "fad": False, "mel_mse": False, "audio_feature_distance": False,
-    "harmonic_accuracy": True, "melodic_complexity": None, "rhythmic_inconsistency": False, "chroma_cosine": True,
+    "clap_score": True,
+    "kad": False,
+    "fad": False,
+    "mel_mse": False,
+    "audio_feature_distance": False,
+    "harmonic_accuracy": True,
+    "melodic_complexity": None,
+    "rhythmic_inconsistency": False,
+    "chroma_cosine": True,
 }
 """Direction of each metric family (None: no better direction; seed study 002 reads melodic
 complexity per genre). `kad_<x>` / `fad_<x>` follow `kad` / `fad`."""
 
 PER_CLIP = (
-    "clap_score", "mel_mse", "audio_feature_distance", "harmonic_accuracy", "melodic_complexity",
-    "rhythmic_inconsistency", "chroma_cosine",
+    "clap_score",
+    "mel_mse",
+    "audio_feature_distance",
+    "harmonic_accuracy",
+    "melodic_complexity",
+    "rhythmic_inconsistency",
+    "chroma_cosine",
 )
 
 
@@ -147,7 +159,9 @@ def _feature_distance(fa: np.ndarray, fb: np.ndarray) -> float:
     return float(1.0 - (va @ vb) / (na * nb))
 
 
-def distribution_scores(reference: dict[str, np.ndarray], generated: dict[str, np.ndarray]) -> dict[str, float]:
+def distribution_scores(
+    reference: dict[str, np.ndarray], generated: dict[str, np.ndarray]
+) -> dict[str, float]:
     """KAD and FAD for every embedder: `kad_<key>`, `fad_<key>`, and `kad` / `fad` of the first one.
 
     Args:

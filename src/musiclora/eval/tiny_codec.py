@@ -73,7 +73,11 @@ def _latents(codec: nn.Module, wavs: torch.Tensor, batch: int = 16) -> torch.Ten
 
 def _weight_normed(module: nn.Module) -> list[nn.Module]:
     """The weight-normed convolutions inside `module`, in definition (= forward) order."""
-    return [m for m in module.modules() if hasattr(m, "parametrizations") and hasattr(m.parametrizations, "weight")]
+    return [
+        m
+        for m in module.modules()
+        if hasattr(m, "parametrizations") and hasattr(m.parametrizations, "weight")
+    ]
 
 
 @torch.no_grad()
@@ -137,7 +141,9 @@ def standardize_latents(codec: nn.Module, wavs: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def fit_codebooks(codec: nn.Module, wavs: torch.Tensor, entries: int = 256, iters: int = 20, seed: int = 0) -> dict:
+def fit_codebooks(
+    codec: nn.Module, wavs: torch.Tensor, entries: int = 256, iters: int = 20, seed: int = 0
+) -> dict:
     """Set each residual-quantiser level's codebook by k-means on the residual latents of `wavs`.
 
     Level q is fitted on what levels < q leave unexplained. Only `entries` distinct centroids
@@ -195,14 +201,22 @@ class MelLoss(nn.Module):
         total = pred.new_zeros(())
         for n_fft in MEL_FFTS:
             bank, win = getattr(self, f"mel_{n_fft}"), getattr(self, f"win_{n_fft}")
-            spec = [torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs().pow(2) for x in (pred, target)]
+            spec = [
+                torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs().pow(2)
+                for x in (pred, target)
+            ]
             total = total + (torch.log(bank @ spec[0] + 1e-5) - torch.log(bank @ spec[1] + 1e-5)).abs().mean()
         return total / len(MEL_FFTS)
 
 
 def fit_decoder(
-    codec: nn.Module, wavs: torch.Tensor, steps: int = 200, batch_size: int = 8, crop_s: float = 1.0,
-    lr: float = 3e-3, seed: int = 0,
+    codec: nn.Module,
+    wavs: torch.Tensor,
+    steps: int = 200,
+    batch_size: int = 8,
+    crop_s: float = 1.0,
+    lr: float = 3e-3,
+    seed: int = 0,
 ) -> list[float]:
     """Train the codec's decoder to reconstruct `wavs` from their quantised latents; the encoder stays fixed.
 
@@ -222,7 +236,9 @@ def fit_decoder(
     hop = int(np.prod(codec.config.upsampling_ratios))
     crop = max(hop, int(crop_s * rate) // hop * hop)
     with torch.no_grad():
-        codes = torch.cat([codec.encode(wavs[i : i + 16, None]).audio_codes[0] for i in range(0, wavs.shape[0], 16)])
+        codes = torch.cat(
+            [codec.encode(wavs[i : i + 16, None]).audio_codes[0] for i in range(0, wavs.shape[0], 16)]
+        )
         quantized = codec.quantizer.decode(codes.transpose(0, 1))  # [N, D, T]
     loss_fn = MelLoss(rate)
     for p in codec.parameters():
@@ -251,8 +267,13 @@ def fit_decoder(
 
 
 def fit_tiny_codec(
-    codec: nn.Module, wavs: torch.Tensor, entries: int = 256, decoder_steps: int = 100, seed: int = 0,
-    init_clips: int = 8, init_s: float = 0.5,
+    codec: nn.Module,
+    wavs: torch.Tensor,
+    entries: int = 256,
+    decoder_steps: int = 100,
+    seed: int = 0,
+    init_clips: int = 8,
+    init_s: float = 0.5,
 ) -> dict:
     """The whole fit: data-dependent init of the encoder, standardised latents, k-means codebooks,
     data-dependent init of the decoder, decoder training.
