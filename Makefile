@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FAMILY ?= musicgen-melody
 
-.PHONY: setup demo test test-unit lint clean
+.PHONY: setup demo test test-wip test-unit lint clean
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt scripts/setup.sh
 	bash scripts/setup.sh
@@ -20,7 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/musiclora demo --family $(FAMILY) $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests -q -m "not wip" --timeout=2400 $(PYTEST_ARGS)
+
+test-wip: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q -m wip $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit -q $(PYTEST_ARGS)

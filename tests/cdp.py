@@ -104,11 +104,18 @@ class Browser:
         Raises:
             LookupError: the expression gives no element.
         """
-        # instant scroll, then measure after a frame (a smooth scroll would move it under the mouse)
-        rect = self.js(f"(async () => {{const e = {element_js}; if (!e) return null; "
-                       "e.scrollIntoView({block: 'center', behavior: 'instant'}); "
-                       "await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))); "
-                       "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]})()")
+        # instant scroll, then measure until the element stops moving (a smooth scroll or a growing
+        # text box would move it under the mouse)
+        measure = (f"(async () => {{const e = {element_js}; if (!e) return null; "
+                   "e.scrollIntoView({block: 'center', behavior: 'instant'}); "
+                   "await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))); "
+                   "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]})()")
+        rect, previous = self.js(measure), None
+        for _ in range(20):
+            if rect is None or rect == previous:
+                break
+            time.sleep(0.1)
+            previous, rect = rect, self.js(measure)
         if rect is None:
             raise LookupError(f"no {what} on the page")
         for kind in ("mousePressed", "mouseReleased"):

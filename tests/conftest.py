@@ -119,3 +119,16 @@ def ray_driver(ray_cluster, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPa
         yield ray_cluster
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- work in progress
+
+# Test files of work that was not yet seen green on main when it was submitted. They are kept out
+# of `make test` (CI) and run with `make test-wip`; an issue whose checks live here is not closed.
+WIP_FILES: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in WIP_FILES:
+            item.add_marker(pytest.mark.wip)

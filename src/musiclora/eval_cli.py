@@ -66,6 +66,7 @@ def evaluate(
     """Generate with the base and the adapter on the same prompts and seeds; score; write the report."""
     from musiclora.data.audio import AudioDecodeError
     from musiclora.eval.evaluate import evaluate as run_evaluate
+    from musiclora.storage import StorageError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -84,7 +85,7 @@ def evaluate(
             reference_split=reference_split,
             music=music,
         )
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError) as exc:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError, StorageError) as exc:
         _fail(exc)
     from musiclora.eval.report import clean_json
 

@@ -97,7 +97,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str) -> None
     cfg = trial_config(base, params, f"{tune_name}-{ctx.get_trial_id()}")
     summary = run_training(cfg, callbacks=[TuneReportCallback()])
     tune.report({"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
-                 "last_loss_mean": summary["last_loss_mean"],
+                 "loss": summary["losses"][-1], "last_loss_mean": summary["last_loss_mean"],
                  **({"val_loss": summary["best"]["val_loss"]} if summary.get("best") else {})})
 
 

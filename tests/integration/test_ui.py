@@ -96,5 +96,9 @@ def test_page_generates_with_an_adapter_and_shows_errors(page_url, tmp_path):
         b.js("document.querySelector('#prompt textarea').select()")
         b.type_text("x" * 600)
         b.click("#generate")
-        b.wait_for("document.body.innerText.includes('422') && document.body.innerText.includes('characters')",
-                   timeout_s=60)
+        try:
+            b.wait_for("document.body.innerText.includes('422') && document.body.innerText.includes('characters')",
+                       timeout_s=60)
+        except TimeoutError:
+            b.screenshot(tmp_path / "error.png")
+            raise

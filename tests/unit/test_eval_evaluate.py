@@ -16,6 +16,7 @@ from musiclora.config import AdapterConfig
 from musiclora.eval.evaluate import (
     build_embedders,
     build_evaluator,
+    codes_decoder,
     evaluate,
     evaluate_adapter,
     load_clap_bundle,
@@ -184,3 +185,17 @@ def test_bad_inputs_are_named(tiny_musicgen_dir, trained_adapter, prompts, refer
     wrong_rate = load_reference(reference_dir, 16000, clip_s=1.0)
     with pytest.raises(ValueError, match="16000 Hz but musicgen-melody generates at 32000 Hz"):
         build_evaluator(family, loaded, prompts, wrong_rate, embedders=("clap",), duration_s=0.5, music=False)
+
+
+def test_codes_decoder_turns_shard_codes_back_into_audio():
+    from musiclora.models.musicgen import build_tiny_musicgen_melody
+
+    codec = build_tiny_musicgen_melody(seed=0)[0].audio_encoder
+    t = np.arange(SR // 2) / SR
+    wav = torch.from_numpy((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32))
+    with torch.no_grad():
+        codes = codec.encode(wav[None, None]).audio_codes[0, 0]  # [K, T] as in a shard's codes.npy
+        direct = codec.decode(codes[None, None], [None]).audio_values[0, 0].numpy()
+    audio = codes_decoder(codec)(codes.numpy().astype(np.int16))
+    assert audio.dtype == np.float32 and audio.shape == (codes.shape[-1] * 640,)
+    np.testing.assert_allclose(audio, direct, rtol=1e-5, atol=1e-6)
