@@ -68,6 +68,8 @@ class Limits(BaseModel):
         max_upload_bytes: largest melody/reference upload (decoded bytes).
         max_melody_s: longest melody/reference audio in seconds.
         max_steps: most diffusion steps.
+        min_guidance_scale: smallest guidance scale (below 1 MusicGen's classifier-free guidance fails in
+            transformers, so the default keeps requests to 1 and up).
         max_guidance_scale: largest guidance scale.
         max_pending: generate requests in flight per ingress replica before 429.
         request_timeout_s: a generation that takes longer answers 504.
@@ -81,6 +83,7 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(10 * 2**20, gt=0)
     max_melody_s: float = Field(60.0, gt=0)
     max_steps: int = Field(200, gt=0)
+    min_guidance_scale: float = Field(1.0, ge=0)
     max_guidance_scale: float = Field(20.0, ge=0)
     max_pending: int = Field(32, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
@@ -312,8 +315,8 @@ class _Api:
             (len(req.prompt) <= lim.max_prompt_chars,
              f"prompt has {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}"),
             (req.steps is None or req.steps <= lim.max_steps, f"steps {req.steps} is over the limit of {lim.max_steps}"),
-            (req.guidance_scale <= lim.max_guidance_scale,
-             f"guidance_scale {req.guidance_scale} is over the limit of {lim.max_guidance_scale}"),
+            (lim.min_guidance_scale <= req.guidance_scale <= lim.max_guidance_scale,
+             f"guidance_scale {req.guidance_scale} is outside [{lim.min_guidance_scale}, {lim.max_guidance_scale}]"),
             (math.isfinite(req.duration_s) and math.isfinite(req.guidance_scale), "numbers must be finite"),
         ]
         for ok, reason in checks:
@@ -368,7 +371,7 @@ class _Api:
         self.check_key(request)
         req, upload = await self.parse(request)
         self.check_limits(req)
-        melody, melody_sr = self.decode_melody(upload) if upload is not None else (None, None)
+        melody, melody_sr = await asyncio.to_thread(self.decode_melody, upload) if upload is not None else (None, None)
         model, adapter = await self.route(req)
         if self.pending >= self.limits.max_pending:
             raise _fail(429, f"{self.pending} requests in flight, the limit is {self.limits.max_pending}; retry later",

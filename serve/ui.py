@@ -69,7 +69,7 @@ def build_ui(endpoint: str, api_key: str | None = None, out_dir: str | None = No
                 adapter = gr.Dropdown(adapter_choices(client), value=BASE_CHOICE, label="Adapter", elem_id="adapter",
                                       allow_custom_value=True)
                 duration = gr.Slider(0.5, 30, value=2, step=0.5, label="Duration (s)", elem_id="duration")
-                guidance = gr.Slider(0, 10, value=3, step=0.5, label="Guidance scale", elem_id="guidance")
+                guidance = gr.Slider(1, 10, value=3, step=0.5, label="Guidance scale", elem_id="guidance")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 steps = gr.Number(0, precision=0, label="Steps (diffusion families; 0 = default)", elem_id="steps")
                 melody = gr.Audio(sources=["upload"], type="filepath", label="Melody / reference audio (optional)",

@@ -107,13 +107,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStor
 
 @pytest.fixture
 def ray_driver(ray_cluster, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
-    """`ray.init` in this test process, connected to `ray_cluster`; shut down afterwards."""
-    import ray
+    """`ray.init` in this test process, connected to `ray_cluster`; shut down afterwards.
 
+    The auth and address variables are set before `import ray`: Ray reads them at import.
+    """
     for name, value in ray_cluster.env().items():
         if name != "RAY_ADDRESS":
             monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import ray
+
     ray.init(address=ray_cluster.address)
     try:
         yield ray_cluster

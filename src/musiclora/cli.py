@@ -174,7 +174,7 @@ def generate(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path(".musiclora"), help="where the store, Ray state, corpus and outputs live"),
-    max_tracks: int = typer.Option(None, help="cap the corpus (default: all tracks of the demo corpus)"),
+    max_tracks: int = typer.Option(24, help="tracks of the demo corpus to use, shared over its sources (0: all)"),
     steps: int = typer.Option(None, help="override optim.max_steps"),
     family: str = typer.Option("musicgen-melody", help="model family to demo: musicgen-melody or audioldm"),
 ) -> None:
@@ -183,7 +183,7 @@ def demo(
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        code = run_demo(workdir.resolve(), max_tracks=max_tracks, steps=steps, family=family)
+        code = run_demo(workdir.resolve(), max_tracks=max_tracks or None, steps=steps, family=family)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
     sys.exit(code)

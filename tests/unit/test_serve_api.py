@@ -83,7 +83,7 @@ def test_base_and_adapters_give_the_expected_audio(client, world):
 
 
 def test_flac_and_multipart_melody(client):
-    assert _gen(client, duration_s=1, guidance_scale=0).status_code == 200  # JSON integers are fine for floats
+    assert _gen(client, duration_s=1, guidance_scale=1).status_code == 200  # JSON integers are fine for floats
     r = _gen(client, format="flac", melody_b64=base64.b64encode(_wav(0.5)).decode())
     assert r.status_code == 200 and r.headers["content-type"] == "audio/flac" and r.headers["x-musiclora-melody"] == "yes"
     assert wav_bytes_to_array(r.content)[1] == 32_000
@@ -116,6 +116,7 @@ BAD = [
     ("negative seed", {"json": {"prompt": "x", "seed": -1}}, 422, "seed"),
     ("prompt too long", {"json": {"prompt": "x" * 41}}, 422, "41 characters"),
     ("guidance too large", {"json": {"prompt": "x", "guidance_scale": 1e9}}, 422, "guidance_scale"),
+    ("guidance below 1", {"json": {"prompt": "x", "guidance_scale": 0.5}}, 422, "outside [1.0, 20.0]"),
     ("bad format", {"json": {"prompt": "x", "format": "mp3"}}, 422, "format"),
     ("bad base64", {"json": {"prompt": "x", "melody_b64": "!!!"}}, 422, "base64"),
     ("non-audio upload", {"json": {"prompt": "x", "melody_b64": base64.b64encode(b"GIF89a" * 50).decode()}}, 415,
