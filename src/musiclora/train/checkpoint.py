@@ -60,4 +60,5 @@ def read_checkpoint(folder: str) -> tuple[dict, dict | None, dict]:
     f = Path(folder)
     tensors = load_file(str(f / "adapter_model.safetensors"))
     best = load_file(str(f / BEST / "adapter_model.safetensors")) if (f / BEST).exists() else None
-    return tensors, best, json.loads((f / STATE).read_text())
+    state = {**new_state(), **json.loads((f / STATE).read_text())}  # keys added since that checkpoint
+    return tensors, best, state
