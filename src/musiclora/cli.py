@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from musiclora.adapters_cli import app as adapters_app
+from musiclora.eval_cli import app as eval_app
 from musiclora.k8s_cli import app as k8s_app
 from musiclora.store_cli import app as store_app
 
@@ -26,6 +27,7 @@ app.add_typer(tune_app, name="tune")
 app.add_typer(store_app, name="store")
 app.add_typer(k8s_app, name="k8s")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(eval_app)  # `musiclora evaluate`, `musiclora adaptation-table`
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(tiny_app, name="tiny")
 console = Console(stderr=True)
