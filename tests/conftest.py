@@ -128,7 +128,7 @@ def ray_driver(ray_cluster, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPa
 
 # Test files of work that was not yet seen green on main when it was submitted. They are kept out
 # of `make test` (CI) and run with `make test-wip`; an issue whose checks live here is not closed.
-WIP_FILES: set[str] = {"test_serve.py", "test_ui.py"}
+WIP_FILES: set[str] = set()
 
 
 def pytest_collection_modifyitems(config, items):
