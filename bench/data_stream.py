@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from musiclora.data.shards import ShardStream, epoch_loader, write_shard
-from musiclora.storage import EmbeddedStore, ensure_bucket, find_free_s3_port, join_url, open_url
+from musiclora.storage import ensure_bucket, join_url, open_url
+from musiclora.store import EmbeddedStore, find_free_s3_port
 
 
 def _npy(a: np.ndarray) -> bytes:

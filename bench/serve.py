@@ -37,10 +37,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
+from musiclora.adapter_registry import Registry
 from musiclora.local_ray import LocalRay
-from musiclora.models.registry import get_family
-from musiclora.registry import Registry
-from musiclora.storage import EmbeddedStore, ensure_bucket, find_free_s3_port
+from musiclora.models.families import get_family
+from musiclora.storage import ensure_bucket
+from musiclora.store import EmbeddedStore, find_free_s3_port
 from serve.deploy import ServeRun, replicas, write_config
 from tests.serve_helpers import make_random_adapter
 

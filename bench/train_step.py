@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from musiclora.adapters import apply_lora
     from musiclora.config import AdapterConfig, TrainConfig
     from musiclora.data.shards import ShardStream, batches_forever, load_manifest, shard_urls
-    from musiclora.models.registry import get_family
+    from musiclora.models.families import get_family
     from musiclora.train.deepspeed import build_ds_config
 
     cuda = spec["device"] == "cuda"
@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4),
                                       config=build_ds_config(cfg))
-    collate = lambda s: family.collate(s, loaded)  # noqa: E731
+    collate = lambda s: family.collate(s, loaded)
     if spec.get("shards"):
         stream = ShardStream(shard_urls(spec["shards"], "train", load_manifest(spec["shards"])), rank, world)
         batches = batches_forever(stream, spec["batch_size"], collate)

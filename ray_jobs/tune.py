@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from musiclora.tune import load_tune_config, run_tune
-from musiclora.tune_report import save_summary
+from musiclora.tune.report import save_summary
+from musiclora.tune.search import load_tune_config, run_tune
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.datastructures import UploadFile
 
-from musiclora.registry import (
+from musiclora.adapter_registry import (
     AdapterNotFoundError,
     AdapterVersion,
     InvalidReferenceError,
@@ -324,7 +324,7 @@ class _Api:
                 raise _fail(422, reason)
 
     def decode_melody(self, data: bytes) -> tuple[Any, int]:
-        from musiclora.data.audio import AudioDecodeError, load_audio, to_mono
+        from musiclora.audio import AudioDecodeError, load_audio, to_mono
 
         if len(data) > self.limits.max_upload_bytes:
             raise _fail(413, f"melody upload of {len(data)} bytes is over the limit of {self.limits.max_upload_bytes}")

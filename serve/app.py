@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from musiclora.registry import AdapterVersion
+from musiclora.adapter_registry import AdapterVersion
 from serve.api import ApiSettings, Limits, Overloaded, ServedModel, build_api
 from serve.host import GenParams, GenResult, ModelHost
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from musiclora.registry import AdapterNotFoundError, Registry, parse_ref
+from musiclora.adapter_registry import AdapterNotFoundError, Registry, parse_ref
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
 STEPS_PARAMS = ("steps", "num_inference_steps")
@@ -136,7 +136,7 @@ class ModelHost:
                  torch_threads: int | None = None):
         import torch
 
-        from musiclora.models.registry import get_family
+        from musiclora.models.families import get_family
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -11,7 +11,7 @@ import asyncio
 import os
 from collections import OrderedDict
 
-from musiclora.registry import AdapterVersion
+from musiclora.adapter_registry import AdapterVersion
 from serve.api import ApiSettings, Limits, ServedModel, build_api
 from serve.host import GenParams, GenResult, ModelHost
 

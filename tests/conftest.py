@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from musiclora.storage import EmbeddedStore, ensure_bucket, find_free_s3_port
+from musiclora.storage import ensure_bucket
+from musiclora.store import EmbeddedStore, find_free_s3_port
 
 # --------------------------------------------------------------------------- object store
 
@@ -52,7 +53,7 @@ def s3_bucket_url(s3_env: dict[str, str]) -> str:
 @pytest.fixture(scope="session")
 def tiny_musicgen_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny MusicGen-Melody written as a save_pretrained folder (loadable by plain transformers)."""
-    from musiclora.models.registry import get_family
+    from musiclora.models.families import get_family
 
     return get_family("musicgen-melody").save_tiny(str(tmp_path_factory.mktemp("tiny_musicgen")))
 

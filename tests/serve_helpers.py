@@ -10,7 +10,7 @@ import torch
 
 from musiclora.adapters import apply_lora, save_adapter
 from musiclora.config import AdapterConfig
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 
 
 def make_random_adapter(base: str, url: str, seed: int, family: str = "musicgen-melody", scale: float = 0.5) -> str:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from musiclora.local_ray import LocalRay
-from musiclora.storage import EmbeddedStore
+from musiclora.store import EmbeddedStore
 
 console = Console()
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         ValueError: `family` has no demo (names the ones that do).
     """
     from musiclora.data.corpus import build_corpus
-    from musiclora.models.registry import get_family
+    from musiclora.models.families import get_family
 
     if family not in DEMOS:
         raise ValueError(f"demo: no demo for family {family!r}; expected one of {sorted(DEMOS)}")
@@ -180,7 +180,7 @@ def _reference_clip(metadata_path, out_wav: Path, start_s: float = 30.0, duratio
     first track into a 16-bit WAV to condition generation on; returns its path."""
     import soundfile as sf
 
-    from musiclora.data.audio import load_audio, to_mono
+    from musiclora.audio import load_audio, to_mono
 
     first = json.loads(Path(metadata_path).read_text().splitlines()[0])
     wav, sr = load_audio(first["path"])

@@ -9,8 +9,8 @@ import numpy as np
 import soundfile as sf
 
 from musiclora.adapters import load_adapter, read_card
-from musiclora.data.audio import load_audio, to_mono
-from musiclora.models.registry import get_family
+from musiclora.audio import load_audio, to_mono
+from musiclora.models.families import get_family
 from musiclora.plots import plot_spectrogram
 
 

@@ -364,13 +364,3 @@ def pyarrow_fs(url: str, settings: StoreSettings | None = None) -> tuple[Any, st
         return pafs.S3FileSystem(**kwargs), path
     fs, path = get_fs(url, settings)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-# The embedded store lives in `musiclora.store`; re-exported here so callers keep one import.
-from musiclora.store import (  # noqa: F401
-    EmbeddedStore,
-    StorePorts,
-    find_free_s3_port,
-    port_is_free,
-    weed_binary,
-)

@@ -22,7 +22,7 @@ SHARDS = "s3://musiclora-it/shards/audioldm/corpus"
 
 @pytest.fixture(scope="module")
 def tiny_audioldm_dir(tmp_path_factory):
-    from musiclora.models.registry import get_family
+    from musiclora.models.families import get_family
 
     return get_family("audioldm").save_tiny(str(tmp_path_factory.mktemp("tiny_audioldm")))
 
@@ -71,7 +71,7 @@ def test_audioldm_lora_job_end_to_end(ray_cluster, s3_store, audioldm_shards, ti
     assert report["max_output_change"] > 0 and report["lora_tensors"] > 0
 
     # audio-conditioned generation with the adapter, from a WAV cut out of a corpus track
-    from musiclora.data.audio import load_audio, to_mono
+    from musiclora.audio import load_audio, to_mono
     from musiclora.generate import generate
 
     with open(corpus_metadata) as f:

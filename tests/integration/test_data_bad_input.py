@@ -13,13 +13,8 @@ import soundfile as sf
 from musiclora.config import PrepareConfig
 from musiclora.data.metadata import load_tracks
 from musiclora.data.shards import ShardStream, load_manifest, shard_urls
-from musiclora.storage import (
-    BucketNotFoundError,
-    StorageAccessDeniedError,
-    StoreUnreachableError,
-    find_free_s3_port,
-    open_url,
-)
+from musiclora.storage import BucketNotFoundError, StorageAccessDeniedError, StoreUnreachableError, open_url
+from musiclora.store import find_free_s3_port
 
 pytestmark = pytest.mark.integration
 

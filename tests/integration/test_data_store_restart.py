@@ -14,7 +14,8 @@ import time
 import pytest
 
 from musiclora.data.shards import ShardStream, shard_urls, write_shard
-from musiclora.storage import EmbeddedStore, ensure_bucket, find_free_s3_port, join_url, open_url
+from musiclora.storage import ensure_bucket, join_url, open_url
+from musiclora.store import EmbeddedStore, find_free_s3_port
 
 pytestmark = pytest.mark.integration
 

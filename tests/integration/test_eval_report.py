@@ -23,11 +23,11 @@ import torch
 from typer.testing import CliRunner
 
 from musiclora.adapters import apply_lora, save_adapter
+from musiclora.cli import app
 from musiclora.config import AdapterConfig
 from musiclora.data.shards import write_shard
-from musiclora.eval_cli import app
 from musiclora.models.base import Segment
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 from musiclora.storage import join_url, open_url
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from musiclora.adapter_registry import Registry
 from musiclora.client import ServiceClient, ServiceError, generate_to_file
-from musiclora.registry import Registry
 from musiclora.storage import ensure_bucket
 from serve.deploy import ServeRun, replicas, write_config
 from tests.serve_helpers import make_random_adapter, reference_audio, wav_bytes_to_array

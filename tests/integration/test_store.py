@@ -13,6 +13,7 @@ import fsspec
 import pytest
 from typer.testing import CliRunner
 
+from musiclora.cli.store import app
 from musiclora.storage import (
     BucketNotFoundError,
     EmbeddedStore,
@@ -29,7 +30,6 @@ from musiclora.storage import (
     pyarrow_fs,
     storage_options,
 )
-from musiclora.store_cli import app
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_start_timeout_shows_log_and_cleans_up(tmp_path, monkeypatch) -> None:
 
 def test_cli_up_status_down(tmp_path) -> None:
     data_dir, port = tmp_path / "store", find_free_s3_port()
-    cli = [sys.executable, "-m", "musiclora.store_cli"]
+    cli = [sys.executable, "-m", "musiclora.cli.store"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     try:
         up = subprocess.run(

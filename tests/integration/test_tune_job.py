@@ -30,8 +30,8 @@ def test_tune_search_asha_registry_dashboards(ray_cluster, s3_store, shards, tin
     rc, out, result = submit(ray_cluster, "ray_jobs/tune.py", *_tune_args(tmp_path, tiny_musicgen_dir, "it-tune"),
                              timeout_s=900)
     assert rc == 0, out[-5000:]
-    from musiclora.registry import Registry
-    from musiclora.tune_report import load_summary, write_report
+    from musiclora.adapter_registry import Registry
+    from musiclora.tune.report import load_summary, write_report
 
     summary = load_summary(f"file://{tmp_path}/tune", "it-tune")
     trials = summary["trials"]
@@ -90,6 +90,6 @@ def test_tune_restores_without_rerunning_finished_trials(ray_cluster, s3_store, 
     assert "restoring Tune experiment" in out
     rerun = set(re.findall(r"run it-restore-(\w+): LoRA", out))
     assert not rerun & set(finished), (rerun, finished)
-    from musiclora.tune_report import load_summary
+    from musiclora.tune.report import load_summary
 
     assert len(load_summary(f"file://{tmp_path}/tune", "it-restore")["trials"]) == 2

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from musiclora.registry import Registry
+from musiclora.adapter_registry import Registry
 from tests.cdp import Browser, chromium_binary
 from tests.serve_helpers import make_random_adapter
 

@@ -5,7 +5,7 @@ import torch
 
 from musiclora.adapters import apply_lora, check_targets, load_adapter, save_adapter, trainable_report
 from musiclora.config import AdapterConfig
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 
 FAM = get_family("musicgen-melody")
 

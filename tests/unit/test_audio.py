@@ -11,7 +11,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from musiclora.data.audio import (
+from musiclora.audio import (
     AudioDecodeError,
     is_silent,
     load_audio,

@@ -316,7 +316,7 @@ def test_gpu_serving_reserves_a_gpu_per_model_replica():
 
 def _load_job_config(script: str, config: Path, overrides: list[str]):
     from musiclora.config import PrepareConfig, TrainConfig, load_config
-    from musiclora.tune import load_tune_config
+    from musiclora.tune.search import load_tune_config
 
     loaders = {
         "ray_jobs/train.py": lambda: load_config(config, overrides, TrainConfig),

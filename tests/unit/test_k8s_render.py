@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from musiclora import k8s
-from musiclora.k8s_cli import app
+from musiclora.cli.k8s import app
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()

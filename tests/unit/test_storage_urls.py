@@ -9,7 +9,6 @@ import pytest
 from pydantic import ValidationError
 
 from musiclora.storage import (
-    StorePorts,
     StoreSettings,
     bucket_of,
     get_fs,
@@ -19,6 +18,7 @@ from musiclora.storage import (
     split_url,
     storage_options,
 )
+from musiclora.store import StorePorts
 
 SETTINGS = StoreSettings(
     endpoint_url="http://127.0.0.1:9000", access_key="ak", secret_key="sk", region="eu-west-1"

@@ -108,7 +108,7 @@ def analyse_audio(x: np.ndarray, sr: int, excerpt_s: float = 60.0) -> AudioAnaly
     """
     import librosa
 
-    from musiclora.data.audio import resample, to_mono
+    from musiclora.audio import resample, to_mono
 
     y = to_mono(np.asarray(x, dtype=np.float32))
     if y.shape[-1] < MIN_ANALYSIS_S * sr:

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import soundfile as sf
 
+from musiclora.audio import AudioDecodeError, is_silent, load_audio
 from musiclora.data.analysis import MIN_ANALYSIS_S, analyse_audio, describe_music
-from musiclora.data.audio import AudioDecodeError, is_silent, load_audio
 from musiclora.data.debian import DEFAULT_CACHE_DIR, PackageInfo, detect_licence, fetch_package
-from musiclora.data.metadata import AUDIO_SUFFIXES, title_from_filename
+from musiclora.data.metadata import AUDIO_SUFFIXES, build_caption, title_from_filename
 
 __all__ = [
     "CORPORA",
@@ -137,43 +137,6 @@ def read_tags(path: str | os.PathLike) -> dict[str, str]:
         if isinstance(value, str) and value.strip():
             out[key.lower()] = value.strip()
     return out
-
-
-def build_caption(
-    style: str,
-    title: str,
-    artist: str | None = None,
-    album: str | None = None,
-    genre: str | None = None,
-    description: str | None = None,
-) -> str:
-    """Compose a text prompt for a track from its tags.
-
-    Example: "romantic classical orchestral fantasy game soundtrack, 'Battle Music' by
-    Aleksi Aubry-Carlson, from The Battle for Wesnoth OST".
-
-    Args:
-        style: leading style phrase (e.g. "orchestral fantasy game soundtrack").
-        title: track title.
-        artist: performer or composer, if known.
-        album: album or game, if known.
-        genre: tagged genre; prefixed to `style` unless all its words are already in it.
-        description: free-text tag, appended after a semicolon unless it is a web link.
-
-    Returns:
-        The caption, a non-empty string.
-    """
-    lead = style
-    if genre and not set(genre.lower().split()) <= set(style.lower().split()):
-        lead = f"{genre.lower()} {style}"
-    caption = f"{lead}, '{title}'"
-    if artist:
-        caption += f" by {artist}"
-    if album:
-        caption += f", from {album}"
-    if description and not re.search(r"://|^www\.", description):  # skip links in description tags
-        caption += f"; {description[0].lower()}{description[1:]}".rstrip(".")
-    return caption
 
 
 def find_audio_files(root: str | os.PathLike) -> list[Path]:

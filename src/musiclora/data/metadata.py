@@ -309,3 +309,40 @@ def scan_folder(folder: str | os.PathLike) -> list[TrackMeta]:
         path = os.path.abspath(p) if local else fs.unstrip_protocol(p)
         tracks.append(TrackMeta(path=path, caption=", ".join(parts)))
     return tracks
+
+
+def build_caption(
+    style: str,
+    title: str,
+    artist: str | None = None,
+    album: str | None = None,
+    genre: str | None = None,
+    description: str | None = None,
+) -> str:
+    """Compose a text prompt for a track from its tags.
+
+    Example: "romantic classical orchestral fantasy game soundtrack, 'Battle Music' by
+    Aleksi Aubry-Carlson, from The Battle for Wesnoth OST".
+
+    Args:
+        style: leading style phrase (e.g. "orchestral fantasy game soundtrack").
+        title: track title.
+        artist: performer or composer, if known.
+        album: album or game, if known.
+        genre: tagged genre; prefixed to `style` unless all its words are already in it.
+        description: free-text tag, appended after a semicolon unless it is a web link.
+
+    Returns:
+        The caption, a non-empty string.
+    """
+    lead = style
+    if genre and not set(genre.lower().split()) <= set(style.lower().split()):
+        lead = f"{genre.lower()} {style}"
+    caption = f"{lead}, '{title}'"
+    if artist:
+        caption += f" by {artist}"
+    if album:
+        caption += f", from {album}"
+    if description and not re.search(r"://|^www\.", description):  # skip links in description tags
+        caption += f"; {description[0].lower()}{description[1:]}".rstrip(".")
+    return caption

@@ -38,14 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from musiclora.audio import AudioDecodeError, is_silent, load_audio, preprocess, segment
 from musiclora.config import PrepareConfig
 from musiclora.data.analysis import retune_caption
-from musiclora.data.audio import AudioDecodeError, is_silent, load_audio, preprocess, segment
 from musiclora.data.augment import Augmentation, apply_augmentation, draw_augmentations
 from musiclora.data.metadata import load_tracks
 from musiclora.data.shards import MANIFEST, records_to_shard, sample_record
 from musiclora.models.base import Segment
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, split_url
 
 log = logging.getLogger(__name__)

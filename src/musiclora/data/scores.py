@@ -35,6 +35,7 @@ import numpy as np
 import soundfile as sf
 
 from musiclora.data.analysis import describe_music, normalize_key
+from musiclora.data.metadata import build_caption
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +317,6 @@ def render_score(path: Path, score_set: ScoreSet, index: int, out_dir: Path, max
     """
     import music21
     from music21 import converter
-
-    from musiclora.data.corpus import build_caption
 
     stem = "_".join(path.relative_to(music21_corpus_dir()).with_suffix("").parts).replace(".", "-")
     flac, row_path = out_dir / f"{stem}.flac", out_dir / f"{stem}.json"

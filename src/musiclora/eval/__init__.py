@@ -1,6 +1,7 @@
 """Evaluation metrics: distribution distances (KAD, FAD), per-clip distances, music-theory metrics, embedders.
 
-`metrics` and `music` need only numpy/scipy/librosa and are imported here; the
+The CLAP model itself lives in `musiclora.models.clap` (AudioLDM needs it); its names are
+reachable here too. `metrics` and `music` need only numpy/scipy/librosa and are imported here; the
 embedders (`embeddings`, which imports torch and transformers) load on first use.
 """
 
@@ -72,6 +73,7 @@ def __getattr__(name: str):
     """Import the embedders lazily (torch, transformers) when one of their names is asked for."""
     if name in _EMBEDDING_NAMES:
         from musiclora.eval import embeddings
+        from musiclora.models import clap
 
-        return getattr(embeddings, name)
+        return getattr(embeddings, name) if hasattr(embeddings, name) else getattr(clap, name)
     raise AttributeError(f"module 'musiclora.eval' has no attribute {name!r}")

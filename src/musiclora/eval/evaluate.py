@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from musiclora.data.audio import resample
+from musiclora.audio import resample
 from musiclora.eval import scoring
 from musiclora.eval.inputs import PromptSpec, ReferenceSet, check_prompts, load_prompts, load_reference
 from musiclora.models.base import Loaded, ModelFamily
@@ -59,7 +59,7 @@ DEFAULT_EMBEDDERS = ("clap", "encodec", "crepe-tiny")
 
 def load_clap_bundle(clap: str = "tiny"):
     """The CLAP model for the CLAP score and the "clap" embedder: "tiny" (random, 16 kHz) or a hub id / folder."""
-    from musiclora.eval.embeddings import build_tiny_clap, load_clap
+    from musiclora.models.clap import build_tiny_clap, load_clap
 
     return build_tiny_clap(seed=0, sample_rate=16000, max_length_s=1) if clap == "tiny" else load_clap(clap)
 
@@ -77,7 +77,8 @@ def build_embedders(
         ValueError: empty list, unknown name, repeated name, or "encodec" without a codec.
         ModuleNotFoundError: "crepe-*" without torchcrepe installed (the message says how).
     """
-    from musiclora.eval.embeddings import ClapAudioEmbedder, EncodecEmbedder, build_embedder, load_encodec
+    from musiclora.eval.embeddings import EncodecEmbedder, build_embedder, load_encodec
+    from musiclora.models.clap import ClapAudioEmbedder
 
     if not names:
         raise ValueError("embedders: need at least one (e.g. clap, encodec, crepe-tiny)")
@@ -165,7 +166,7 @@ class Evaluator:
     _distances: scoring.ReferenceDistances | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from musiclora.eval.embeddings import ClapTextEmbedder
+        from musiclora.models.clap import ClapTextEmbedder
 
         check_prompts(self.prompts)
         if self.reference.sample_rate != self.family.sample_rate:
@@ -245,7 +246,7 @@ class Evaluator:
         return result
 
     def _clap_audio(self, clips: list[np.ndarray]) -> np.ndarray:
-        from musiclora.eval.embeddings import ClapAudioEmbedder
+        from musiclora.models.clap import ClapAudioEmbedder
 
         emb = next(
             (
@@ -380,7 +381,7 @@ def compare(
 
 def _load_with_adapter(adapter: str, base: str | None, family: str | None):
     from musiclora.adapters import load_adapter, read_card
-    from musiclora.models.registry import get_family
+    from musiclora.models.families import get_family
 
     card = read_card(adapter)
     family = family or card.get("family") or "musicgen-melody"

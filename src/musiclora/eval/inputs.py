@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from musiclora.data.audio import AudioDecodeError, is_silent, load_audio, preprocess, segment
+from musiclora.audio import AudioDecodeError, is_silent, load_audio, preprocess, segment
 from musiclora.storage import get_fs, join_url, open_url
 
 
@@ -290,7 +290,7 @@ def load_reference(
 ) -> ReferenceSet:
     """Load reference clips of `clip_s` seconds from audio files or prepared shards.
 
-    Audio goes through `musiclora.data.audio.preprocess` (mono, silence trim, resample,
+    Audio goes through `musiclora.audio.preprocess` (mono, silence trim, resample,
     loudness normalisation: the `prepare` chain) and is cut into `clip_s` windows; silent
     windows are dropped; at most `max_clips` are kept, spread over tracks (audio: round-robin
     over tracks; shards: evenly spaced over the split's samples).

@@ -251,7 +251,7 @@ def _players_html(items: list[tuple[str, str]]) -> str:
 
 def _prompt_section(result, i: int, entry: dict[str, Any], out: Path) -> tuple[str, str]:
     """Write prompt i's WAVs and spectrogram PNG; return its Markdown and HTML sections."""
-    from musiclora.data.audio import resample
+    from musiclora.audio import resample
 
     p, sr = result.evaluator.prompts[i], result.evaluator.sample_rate
     players: list[tuple[str, str]] = []

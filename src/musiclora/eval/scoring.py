@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from musiclora.data.audio import resample
+from musiclora.audio import resample
 from musiclora.eval.metrics import (  # _frame_features: the AFD feature set, reused to cache the reference side
     _frame_features,
     audio_feature_distance,

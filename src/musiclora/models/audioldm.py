@@ -324,7 +324,7 @@ class AudioLDMFamily(ModelFamily):
         Raises:
             ValueError: no sample rate, not mono, shorter than 0.1 s, or silent (below -60 dBFS).
         """
-        from musiclora.data.audio import is_silent, resample
+        from musiclora.audio import is_silent, resample
 
         if not sample_rate:
             raise ValueError("reference audio: its sample rate (melody_sample_rate) is required")
@@ -343,7 +343,7 @@ def _conditioning_clip(seg: Segment) -> tuple[np.ndarray, str]:
     path = seg.meta.get("cond_audio")
     if not path:
         return seg.audio[: seg.num_valid], "clip"
-    from musiclora.data.audio import is_silent, load_audio, resample, to_mono
+    from musiclora.audio import is_silent, load_audio, resample, to_mono
     from musiclora.storage import open_url
 
     with open_url(path, "rb") as f:

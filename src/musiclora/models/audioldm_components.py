@@ -205,7 +205,7 @@ def clap_audio_embeddings(embedder, wavs: list[np.ndarray]) -> torch.Tensor:
     Returns:
         float32 [N, D], unit L2 norm.
     """
-    from musiclora.data.audio import resample
+    from musiclora.audio import resample
 
     clips = [resample(np.asarray(w, np.float32), SAMPLE_RATE, embedder.sample_rate) for w in wavs]
     return torch.from_numpy(embedder(clips))
@@ -285,7 +285,7 @@ def load_clap_audio(source: dict[str, Any]):
     """
     from transformers import ClapFeatureExtractor, ClapModel
 
-    from musiclora.eval.embeddings import ClapAudioEmbedder
+    from musiclora.models.clap import ClapAudioEmbedder
 
     base, revision = source.get("base"), source.get("revision")
     errors = []

@@ -36,7 +36,7 @@ def build_tiny_audioldm(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-    from musiclora.eval.embeddings import ClapAudioEmbedder, build_tiny_clap
+    from musiclora.models.clap import ClapAudioEmbedder, build_tiny_clap
 
     clap = build_tiny_clap(seed=seed, sample_rate=SAMPLE_RATE, max_length_s=1)
     dim = int(clap.model.config.projection_dim)

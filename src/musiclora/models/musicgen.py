@@ -251,7 +251,7 @@ class MusicgenMelodyFamily(ModelFamily):
         Returns:
             (float32 waveform [L], 32000).
         """
-        from musiclora.data.audio import resample
+        from musiclora.audio import resample
 
         torch.manual_seed(seed)
         inner = _unwrap(model)

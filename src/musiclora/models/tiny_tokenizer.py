@@ -10,13 +10,7 @@ from __future__ import annotations
 import math
 import string
 
-CAPTION_WORDS = (
-    "a an the and with of in by from for on at to is music song track piece soundtrack game album artist title "
-    "orchestral orchestra piano guitar violin cello strings brass drums percussion synth electronic ambient "
-    "classical folk traditional rock pop jazz blues chorale choir vocal melody rhythm harmony bass lead slow fast "
-    "calm epic dark bright happy sad battle peaceful major minor key tempo bpm metre time signature genre mood "
-    "instrumental singularity wesnoth warzone bach chorales licence"
-).split()
+CAPTION_WORDS = ["a", "an", "the", "and", "with", "of", "in", "by", "from", "for", "on", "at", "to", "is", "music", "song", "track", "piece", "soundtrack", "game", "album", "artist", "title", "orchestral", "orchestra", "piano", "guitar", "violin", "cello", "strings", "brass", "drums", "percussion", "synth", "electronic", "ambient", "classical", "folk", "traditional", "rock", "pop", "jazz", "blues", "chorale", "choir", "vocal", "melody", "rhythm", "harmony", "bass", "lead", "slow", "fast", "calm", "epic", "dark", "bright", "happy", "sad", "battle", "peaceful", "major", "minor", "key", "tempo", "bpm", "metre", "time", "signature", "genre", "mood", "instrumental", "singularity", "wesnoth", "warzone", "bach", "chorales", "licence"]
 
 
 def build_t5_tokenizer():

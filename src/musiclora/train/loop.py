@@ -20,7 +20,7 @@ import torch
 from musiclora.adapters import apply_lora, trainable_report
 from musiclora.config import TrainConfig
 from musiclora.data.shards import ShardStream, batches_forever, load_manifest, shard_urls
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 from musiclora.train import checkpoint as ckpt
 from musiclora.train.deepspeed import build_ds_config, model_dtype
 from musiclora.train.schedule import lr_at

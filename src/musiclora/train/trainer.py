@@ -19,7 +19,7 @@ from musiclora.adapters import CARD, check_targets, upload_dir
 from musiclora.config import TrainConfig
 from musiclora.data.shards import MANIFEST, load_manifest
 from musiclora.models.base import Loaded
-from musiclora.models.registry import get_family
+from musiclora.models.families import get_family
 from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, pyarrow_fs
 from musiclora.train.checkpoint import BEST, STATE
 from musiclora.train.loop import train_loop_per_worker

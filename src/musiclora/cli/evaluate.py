@@ -1,0 +1,122 @@
+"""`musiclora evaluate` and `musiclora adaptation-table`.
+
+Both are top-level commands (mounted in `cli/main.py`). `make adaptation-table` runs the study with
+OMP_WAIT_POLICY=PASSIVE set by the Makefile (no import side effects here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from musiclora.cli.errors import console, fail
+
+
+def _embedder_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter("give at least one embedder, e.g. clap,encodec,crepe-tiny")
+    return names
+
+
+def evaluate(
+    adapter: str = typer.Option(..., help="adapter folder (path or s3:// URL, peft format with card.json)"),
+    prompts: str = typer.Option(
+        ..., help="prompts JSONL: {prompt, seed?, melody?, melody_start_s?, id?} a line"
+    ),
+    reference: str = typer.Option(
+        ..., help="reference music: shards URL (manifest.json), audio folder or file"
+    ),
+    out: Path = typer.Option(Path(".musiclora/outputs/eval"), help="report folder"),
+    base: str = typer.Option(None, help="base model (hub id, folder, 'tiny'); default: the adapter card's"),
+    family: str = typer.Option(None, help="model family; default: the adapter card's"),
+    clap: str = typer.Option(
+        "tiny", help="CLAP model: 'tiny' (random) or a hub id / folder, e.g. laion/larger_clap_music"
+    ),
+    embedders: str = typer.Option(
+        "clap,encodec,crepe-tiny",
+        help="KAD/FAD embedders, comma-separated; "
+        "clap, encodec, encodec:<hub id>, crepe-tiny, crepe-full, mel-stats",
+    ),
+    duration_s: float = typer.Option(4.0, min=0.5, max=60.0, help="seconds generated per prompt"),
+    guidance_scale: float = typer.Option(3.0, min=0.0),
+    max_reference_clips: int = typer.Option(32, min=2),
+    reference_split: str = typer.Option(None, help="shards split (default: val if present, else train)"),
+    music: bool = typer.Option(
+        True, help="compute harmonic accuracy, melodic complexity, rhythmic inconsistency"
+    ),
+) -> None:
+    """Generate with the base and the adapter on the same prompts and seeds; score; write the report."""
+    from musiclora.audio import AudioDecodeError
+    from musiclora.eval.evaluate import evaluate as run_evaluate
+    from musiclora.storage import StorageError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = run_evaluate(
+            adapter,
+            prompts,
+            reference,
+            out,
+            base=base,
+            family=family,
+            clap=clap,
+            embedders=_embedder_list(embedders),
+            duration_s=duration_s,
+            guidance_scale=guidance_scale,
+            max_reference_clips=max_reference_clips,
+            reference_split=reference_split,
+            music=music,
+        )
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError, StorageError) as exc:
+        fail(exc)
+    from musiclora.eval.report import clean_json
+
+    print(
+        json.dumps(
+            clean_json(
+                {
+                    "files": result.info["files"],
+                    "base": result.scores["base"].metrics,
+                    "adapter": result.scores["adapter"].metrics,
+                }
+            )
+        )
+    )
+
+
+def adaptation_table(
+    out: Path = typer.Option(Path(".musiclora/outputs/adaptation"), help="output folder"),
+    cache_dir: Path = typer.Option(Path(".musiclora/cache/corpus"), help="corpus cache"),
+    base_steps: int = typer.Option(None, min=1, help="full fine-tuning steps of the base"),
+    lora_steps: int = typer.Option(None, min=1, help="LoRA steps on the target style"),
+    base_tracks: int = typer.Option(None, min=2, help="base-style tracks used"),
+    eval_prompts: int = typer.Option(None, min=2, help="evaluation prompts"),
+    preset: str = typer.Option(None, help="LoRA preset: attn, attn+ffn, attn+cond"),
+) -> None:
+    """Tiny base on one style of the real corpus, LoRA to a held-out style: held-out loss and metrics (Markdown)."""
+    from musiclora.studies.adaptation import AdaptationSettings, run_adaptation
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    given = {
+        "base_steps": base_steps,
+        "lora_steps": lora_steps,
+        "base_tracks": base_tracks,
+        "eval_prompts": eval_prompts,
+        "preset": preset,
+    }
+    settings = AdaptationSettings(
+        cache_dir=str(cache_dir), **{k: v for k, v in given.items() if v is not None}
+    )
+    try:
+        result = run_adaptation(settings, out)
+    except (ValueError, RuntimeError, ModuleNotFoundError) as exc:
+        fail(exc)
+    print(result["markdown"])
+    console.print(
+        f"written: {out / 'adaptation_table.md'}, {out / 'adaptation.json'}, {out / 'report/report.html'}"
+    )
+

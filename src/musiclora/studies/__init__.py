@@ -1,0 +1,1 @@
+"""Experiments built from the library's pieces: the adaptation study (`adaptation.py`) and its tiny codec."""

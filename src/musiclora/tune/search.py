@@ -1,0 +1,206 @@
+"""Ray Tune search over LoRA rank / alpha / dropout / lr / preset, the Ray 2.60 way.
+
+Each trial is a Tune function that launches its own `TorchTrainer` (the deprecated
+`Tuner(trainer)` pattern is not used) with `TuneReportCallback`, so every `ray.train.report`
+of the workers reaches Tune and ASHA can stop weak trials. The search space uses the same dotted
+keys as `key=value` overrides and is validated value by value before any trial starts. Curves go
+to TensorBoard event files (Tune's TBX logger) and MLflow; the winner's adapter is published to
+the adapter registry and promoted. Re-running the same name and storage path restores the
+experiment (`Tuner.restore`) without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from musiclora.config import (
+    ConfigError,
+    TrainConfig,
+    TuneConfig,
+    apply_overrides,
+    parse_overrides,
+    validate_config,
+)
+from musiclora.models.families import get_family
+
+TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer; Tune refuses an empty request
+
+
+def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, dict[str, Any]]:
+    """Read a Tune YAML and its base TrainConfig YAML (+ overrides); validate both and the space.
+
+    Returns:
+        (TuneConfig, the base TrainConfig as a nested dict).
+
+    Raises:
+        ConfigError: an invalid file, key or search value; the message names the key.
+    """
+    path = Path(path)
+    tree = yaml.safe_load(path.read_text()) or {}
+    tune_cfg = validate_config(apply_overrides(tree, parse_overrides(overrides)), TuneConfig, source=str(path))
+    train_path = Path(tune_cfg.train_config)
+    if not train_path.is_absolute() and not train_path.exists():
+        train_path = path.parent / train_path.name
+    try:
+        base = yaml.safe_load(train_path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: train_config {tune_cfg.train_config!r} cannot be read ({exc})") from None
+    base = apply_overrides(base, parse_overrides(tune_cfg.train_overrides))
+    validate_search_space(tune_cfg, base)
+    return tune_cfg, base
+
+
+def validate_search_space(tune_cfg: TuneConfig, base: dict[str, Any]) -> None:
+    """Every candidate value of every dimension must give a valid TrainConfig and a known preset.
+
+    Raises:
+        ConfigError: naming the search key and the offending value.
+    """
+    validate_config(base, TrainConfig, source="train_config")
+    for key, dim in tune_cfg.search_space.items():
+        try:
+            values = dim.probe_values()
+        except ValueError as exc:
+            raise ConfigError(f"search_space.{key}: {exc}") from None
+        for value in values:
+            try:
+                cfg = validate_config(apply_overrides(base, {key: value}), TrainConfig, source=f"search_space.{key}")
+                get_family(cfg.model.family).target_modules(cfg.adapter.preset, cfg.adapter.target_modules)
+            except (ConfigError, ValueError) as exc:
+                raise ConfigError(f"search_space.{key}={value!r} is impossible: {exc}") from None
+
+
+def param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
+    """Tune domains keyed by the dotted TrainConfig keys."""
+    from ray import tune
+
+    space = {}
+    for key, dim in tune_cfg.search_space.items():
+        kind = dim.kind()
+        value = getattr(dim, kind)
+        space[key] = tune.choice(value) if kind == "choice" else getattr(tune, kind)(*value)
+    return space
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str) -> TrainConfig:
+    """The TrainConfig of one trial: base + sampled values, its own run name."""
+    tree = apply_overrides(base, {k: v for k, v in params.items() if "." in k})
+    tree.setdefault("run", {})["name"] = trial_name
+    return validate_config(tree, TrainConfig, source=trial_name)
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str) -> None:
+    """Tune function trainable: one TorchTrainer run, its reports forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from musiclora.train.trainer import run_training
+
+    ctx = tune.get_context()
+    cfg = trial_config(base, params, f"{tune_name}-{ctx.get_trial_id()}")
+    summary = run_training(cfg, callbacks=[TuneReportCallback()])
+    tune.report({"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
+                 "loss": summary["losses"][-1], "last_loss_mean": summary["last_loss_mean"],
+                 **({"val_loss": summary["best"]["val_loss"]} if summary.get("best") else {})})
+
+
+def _concurrency(tune_cfg: TuneConfig, base: dict[str, Any]) -> int:
+    import ray
+
+    cfg = validate_config(base, TrainConfig)
+    if tune_cfg.max_concurrent:
+        return tune_cfg.max_concurrent
+    res = ray.cluster_resources()
+    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + TRIAL_CPU
+    n = int(res.get("CPU", 1) // per_trial_cpu)
+    if cfg.run.use_gpu:
+        n = min(n, int(res.get("GPU", 0) // cfg.run.num_workers))
+    return max(1, n)
+
+
+def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """Run (or restore) the search on the current Ray cluster and publish the winner.
+
+    Returns:
+        {"best": trial config + metrics, "trials": [...], "registry": published ref or None}.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from musiclora.storage import pyarrow_fs
+    from musiclora.train.trainer import preflight, worker_env
+
+    preflight(validate_config(base, TrainConfig))  # shards, targets, storage: once, before any trial
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": worker_env()})
+    fs, path = pyarrow_fs(tune_cfg.storage_path)
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name),
+                                   {"CPU": TRIAL_CPU})
+    experiment = f"{path.rstrip('/')}/{tune_cfg.name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        print(f"[musiclora] restoring Tune experiment {tune_cfg.storage_path}/{tune_cfg.name}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        # ASHA terminates a trial that reaches max_t: one past the last step lets finishers publish
+        max_t = validate_config(base, TrainConfig).optim.max_steps + 1
+        scheduler = (ASHAScheduler(time_attr="step", grace_period=tune_cfg.asha.grace_period, max_t=max_t,
+                                   reduction_factor=tune_cfg.asha.reduction_factor) if tune_cfg.asha else None)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(tune_cfg),
+            tune_config=tune.TuneConfig(
+                metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples, scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=tune_cfg.seed),
+                max_concurrent_trials=_concurrency(tune_cfg, base),
+            ),
+            run_config=tune.RunConfig(name=tune_cfg.name, storage_path=path, storage_filesystem=fs,
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback(),
+                                                 _mlflow_callback(tune_cfg)]),
+        )
+    grid = tuner.fit()
+    trials = [_trial_row(r) for r in grid]
+    finished = [t for t in trials if t.get("adapter_url") and t.get(tune_cfg.metric) is not None]
+    if not finished:
+        raise RuntimeError(f"tune {tune_cfg.name}: no trial finished with metric {tune_cfg.metric!r}")
+    best = (min if tune_cfg.mode == "min" else max)(finished, key=lambda t: t[tune_cfg.metric])
+    published = _publish_best(tune_cfg, best) if tune_cfg.registry_name else None
+    return {"best": best, "trials": trials, "registry": published}
+
+
+def _mlflow_callback(tune_cfg: TuneConfig):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = tune_cfg.mlflow_tracking_uri or f"sqlite:///{Path('.musiclora/mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=tune_cfg.name, save_artifact=False)
+
+
+def _trial_row(result) -> dict[str, Any]:
+    """One trial's config and metrics (its last report; stopped trials included)."""
+    metrics = dict(result.metrics or {})
+    row = {k: v for k, v in (result.config or {}).items() if "." in k}
+    row.update({k: metrics.get(k) for k in ("step", "loss", "val_loss", "adapter_url", "last_loss_mean")})
+    row["stopped_early"] = not metrics.get("done_training")
+    row["trial_id"] = metrics.get("trial_id")
+    if row.get("loss") is None and row.get("last_loss_mean") is not None:
+        row["loss"] = row["last_loss_mean"]
+    return row
+
+
+def _publish_best(tune_cfg: TuneConfig, best: dict[str, Any]) -> str:
+    from musiclora.adapter_registry import Registry
+
+    registry = Registry(tune_cfg.registry_url or os.environ.get("MUSICLORA_REGISTRY_URL"))
+    card = {"tune": {"experiment": tune_cfg.name, "trial_id": best.get("trial_id"),
+                     "trial_config": {k: v for k, v in best.items() if "." in k},
+                     "metric": tune_cfg.metric, "value": best[tune_cfg.metric]}}
+    version = registry.publish(best["adapter_url"], tune_cfg.registry_name, promote=True, card_updates=card)
+    return version.ref

@@ -1,0 +1,156 @@
+"""`prepare` without Ray: one track's segments and augmentation, the encode step on the tiny
+MusicGen-Melody, the shard plan, the manifest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musiclora.config import PrepareConfig
+from musiclora.data.augment import Augmentation, apply_augmentation, draw_augmentations
+from musiclora.data.prepare import EncodeTask, build_manifest, plan_shards, shard_name, track_segments
+from musiclora.data.shards import ShardStream, records_to_shard
+
+SR = 32_000
+
+
+def tone(freq: float, seconds: float, sr: int = SR, amp: float = 0.4) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t) + 0.1 * amp * np.sin(2 * np.pi * 2 * freq * t)).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray, sr: int = SR) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()])
+
+
+def cfg(tmp_path, **kw) -> PrepareConfig:
+    base = {"base": "tiny", "metadata": str(tmp_path / "m.jsonl"), "output_url": str(tmp_path / "out"),
+            "segment_s": 2.0, "min_s": 1.0, "samples_per_shard": 4}
+    return PrepareConfig(**{**base, **kw})
+
+
+def track(path, index=0, **kw) -> dict:
+    return {"path": str(path), "caption": "a test tone in A major, 100 BPM", "index": index, "split": "train", **kw}
+
+
+# --------------------------------------------------------------------------- one track
+
+
+def test_track_segments_cut_trimmed_normalised_audio(tmp_path):
+    x = np.concatenate([np.zeros(SR), tone(440, 5.5, 44100)[: int(5.5 * 44100)], np.zeros(SR)])
+    sf.write(tmp_path / "a.wav", np.stack([x, x], 1), 44100)
+    segs, input_s = track_segments(track(tmp_path / "a.wav", 7), cfg(tmp_path), SR)
+    assert input_s == pytest.approx(len(x) / 44100)
+    assert [s.key for s in segs] == ["t000007_0_000000000", "t000007_0_000002000", "t000007_0_000004000"]
+    assert [round(s.num_valid / SR, 1) for s in segs] == [2.0, 2.0, 1.5]  # silence trimmed, 1.5 s tail kept
+    assert all(s.audio.shape == (2 * SR,) and s.audio.dtype == np.float32 for s in segs)
+    assert segs[0].meta["source"].endswith("a.wav") and segs[2].meta["start_s"] == pytest.approx(4.0, abs=0.05)
+    assert np.abs(segs[0].audio).max() <= 10 ** (-1 / 20) + 1e-4  # loudness-normalised under the -1 dBFS ceiling
+
+
+def test_bad_tracks_raise_with_a_reason(tmp_path):
+    from musiclora.audio import AudioDecodeError
+
+    sf.write(tmp_path / "silent.wav", np.zeros(3 * SR, np.float32), SR)
+    sf.write(tmp_path / "short.wav", tone(440, 0.5), SR)
+    (tmp_path / "junk.wav").write_bytes(b"RIFF....WAVEjunk" * 10)
+    with pytest.raises(ValueError, match="silent"):
+        track_segments(track(tmp_path / "silent.wav"), cfg(tmp_path), SR)
+    with pytest.raises(ValueError, match="too short"):
+        track_segments(track(tmp_path / "short.wav"), cfg(tmp_path), SR)
+    with pytest.raises(AudioDecodeError, match="junk.wav"):
+        track_segments(track(tmp_path / "junk.wav"), cfg(tmp_path), SR)
+    with pytest.raises(FileNotFoundError, match="nothere.wav"):
+        track_segments(track(tmp_path / "nothere.wav"), cfg(tmp_path), SR)
+
+
+def test_augmented_copies_shift_pitch_and_retune_the_caption(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(440, 4.0), SR)
+    c = cfg(tmp_path, augment_copies=2, pitch_shift_semitones=3, time_stretch=0.2, noise_snr_db=20.0)
+    segs, _ = track_segments(track(tmp_path / "a.wav", key="A major", bpm=100.0), c, SR)
+    originals = [s for s in segs if "augmentation" not in s.meta]
+    copies = [s for s in segs if "augmentation" in s.meta]
+    assert len(originals) == 2 and copies and {s.key.split("_")[1] for s in copies} == {"1", "2"}
+    for s in copies:
+        aug = s.meta["augmentation"]
+        expected_hz = 440 * 2 ** (aug["semitones"] / 12)
+        assert peak_hz(s.audio[: s.num_valid]) == pytest.approx(expected_hz, rel=0.02)
+        assert s.meta["bpm"] == pytest.approx(100 * aug["rate"], abs=0.1)
+        assert f"in {s.meta['key']}" in s.caption and s.meta["key"] != "A major"
+    again, _ = track_segments(track(tmp_path / "a.wav", key="A major", bpm=100.0), c, SR)
+    assert all(np.array_equal(a.audio, b.audio) for a, b in zip(segs, again, strict=True))  # reproducible
+
+
+def test_draw_augmentations_is_seeded_and_validated():
+    a = draw_augmentations("x.wav", 3, seed=1, pitch_shift_semitones=2, time_stretch=0.1, noise_snr_db=10)
+    assert a == draw_augmentations("x.wav", 3, seed=1, pitch_shift_semitones=2, time_stretch=0.1, noise_snr_db=10)
+    assert a != draw_augmentations("y.wav", 3, seed=1, pitch_shift_semitones=2, time_stretch=0.1, noise_snr_db=10)
+    assert a[0].is_identity and all(x.semitones in (-2, -1, 1, 2) and 0.9 <= x.rate <= 1.1 for x in a[1:])
+    with pytest.raises(ValueError, match="enable at least one"):
+        draw_augmentations("x.wav", 1)
+
+
+def test_noise_is_added_at_the_requested_snr():
+    x = tone(440, 2.0)
+    y = apply_augmentation(x, SR, Augmentation(copy=1, noise_snr_db=20.0))
+    noise = y - x
+    snr = 10 * np.log10(np.mean(x.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2))
+    assert snr == pytest.approx(20.0, abs=0.3)
+    stretched = apply_augmentation(x, SR, Augmentation(copy=1, rate=1.25))
+    assert len(stretched) == pytest.approx(len(x) / 1.25, rel=0.01)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_encode_task_on_the_tiny_model_gives_readable_shard_records(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(330, 5.0), SR)
+    (tmp_path / "bad.flac").write_bytes(b"")
+    task = EncodeTask(cfg(tmp_path).model_dump())
+    rows = task.encode_track(track(tmp_path / "a.wav", 3))
+    samples = [r for r in rows if r["kind"] == "sample"]
+    assert [r["kind"] for r in rows] == ["sample"] * 3 + ["track"]
+    assert [r["order"] for r in samples] == [0, 1, 2] and all(r["nbytes"] == len(r["record"]) for r in samples)
+    (tmp_path / "s.tar").write_bytes(records_to_shard([r["record"] for r in samples]))
+    decoded = list(ShardStream([str(tmp_path / "s.tar")], num_samples=[3]))
+    assert [d["__key__"] for d in decoded] == [r["key"] for r in samples]
+    assert decoded[0]["codes.npy"].shape == (4, 100) and decoded[0]["chroma.npy"].shape == (16, 12)
+    assert decoded[0]["json"]["caption"] == "a test tone in A major, 100 BPM"
+    assert task.encode_track(track(tmp_path / "a.wav", 3))[0]["record"] == samples[0]["record"]  # deterministic
+    (skip,) = task.encode_track(track(tmp_path / "bad.flac", 4))
+    assert skip["kind"] == "skip" and "empty" in skip["reason"] and skip["path"].endswith("bad.flac")
+
+
+# --------------------------------------------------------------------------- the plan and the manifest
+
+
+def _facts(spec):
+    return [{"kind": "sample", "split": sp, "track": t, "order": o, "nbytes": n} for sp, t, o, n in spec]
+
+
+def test_plan_cuts_by_count_and_size_in_a_fixed_order():
+    facts = _facts([("train", t, o, 100) for t in range(3) for o in range(3)] + [("val", 9, 0, 100)])
+    starts = plan_shards(facts, samples_per_shard=4)
+    assert starts == {"train": [(0, 0), (1, 1), (2, 2)], "val": [(9, 0)]}
+    assert plan_shards(list(reversed(facts)), 4) == starts  # independent of arrival order
+    by_size = plan_shards(facts, samples_per_shard=100, target_bytes=1024 + 250)
+    assert by_size["train"] == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)]  # 2 samples of 100 B fit, 3 do not
+    huge = plan_shards(_facts([("train", 0, 0, 5000), ("train", 0, 1, 10)]), 10, target_bytes=2000)
+    assert huge["train"] == [(0, 0), (0, 1)]  # an oversized sample still gets its own shard
+    assert shard_name("train", 3) == "train-00003.tar"
+
+
+def test_manifest_lists_skips_and_counts(tmp_path):
+    facts = [
+        {"kind": "track", "path": "a.wav", "seconds": 10.0, "spec": '{"codec": "encodec"}', "reason": ""},
+        {"kind": "skip", "path": "b.wav", "seconds": 0.0, "spec": "", "reason": "AudioDecodeError: empty"},
+        {"kind": "sample", "path": "a.wav", "seconds": 2.0, "spec": "", "reason": ""},
+    ]
+    shards = [{"name": "train-00000.tar", "split": "train", "num_samples": 1, "num_bytes": 2048, "sha256": "ab"}]
+    m = build_manifest(cfg(tmp_path), "musicgen-melody", facts, [{"path": "m.jsonl", "reason": "line 2 ..."}],
+                       shards, wall_s=4.0)  # fmt: skip
+    assert m["num_tracks"] == 1 and m["num_skipped"] == 2 and [s["path"] for s in m["skipped"]] == ["b.wav", "m.jsonl"]
+    assert m["num_samples"] == {"train": 1, "val": 0} and m["audio_seconds"] == 2.0
+    assert m["throughput"]["input_audio_s_per_s"] == 2.5 and m["feature_spec"] == {"codec": "encodec"}

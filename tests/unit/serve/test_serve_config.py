@@ -1,0 +1,87 @@
+"""serve/config.yaml is a valid Serve config whose args build the app; ModelHost keeps queued adapters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from musiclora.adapter_registry import AdapterNotFoundError, Registry
+from serve.app import INGRESS, MODEL_PREFIX, AppArgs, build_app
+from serve.deploy import CONFIG, write_config
+from serve.host import GenParams, ModelHost
+from tests.serve_helpers import make_random_adapter
+
+
+def test_shipped_config_validates_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)
+    [app] = config["applications"]
+    args = AppArgs.model_validate(app["args"])
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {INGRESS} | {MODEL_PREFIX + m.name for m in args.models}
+    for dep in app["deployments"]:
+        auto = dep.get("autoscaling_config")
+        if auto:  # delays short enough for a burst of a few seconds
+            assert auto["upscale_delay_s"] <= 5 and auto["look_back_period_s"] <= 10 and auto["max_replicas"] >= 2
+            assert dep["max_ongoing_requests"] >= args.models[0].max_batch_size and dep["max_queued_requests"] > 0
+    assert build_app(app["args"]) is not None
+    assert config["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"models": []}, "models"),
+    ({"models": [{"name": "../x", "family": "musicgen-melody", "base": "tiny"}]}, "name"),
+    ({"limits": {"max_duration_s": -1}}, "max_duration_s"),
+    ({"limits": {"max_pending": 0}}, "max_pending"),
+    ({"nope": 1}, "nope"),
+])
+def test_bad_args_fail_before_deploying_naming_the_key(bad, key):
+    args = {**yaml.safe_load(CONFIG.read_text())["applications"][0]["args"], **bad}
+    with pytest.raises(ValidationError, match=key):
+        build_app(args)
+
+
+def test_write_config_merges_overrides(tmp_path):
+    path = write_config(tmp_path / "c.yaml", 34567, args={"limits": {"max_pending": 3}},
+                        deployments={"Model-musicgen-melody": {"autoscaling_config": {"downscale_delay_s": 4}}},
+                        app={"runtime_env": {"env_vars": {"K": "v"}}})
+    app = yaml.safe_load(path.read_text())["applications"][0]
+    assert app["args"]["limits"]["max_pending"] == 3 and app["args"]["limits"]["max_duration_s"] == 30
+    model = next(d for d in app["deployments"] if d["name"] == "Model-musicgen-melody")
+    assert model["autoscaling_config"]["downscale_delay_s"] == 4 and model["autoscaling_config"]["max_replicas"] == 2
+    assert app["runtime_env"] == {"env_vars": {"K": "v"}}
+
+
+def test_host_keeps_an_evicted_adapter_until_its_queued_requests_ran(tmp_path):
+    reg = Registry(str(tmp_path / "registry"))
+    reg.publish(make_random_adapter("tiny", str(tmp_path / "a"), 3), "a")
+    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1)
+
+    def run(items):
+        return host.executor.submit(host.run, items).result()
+
+    host.load_blocking("a@1")
+    host.hold("a@1")
+    host.uncache("a@1")  # the LRU lets go while a request is queued
+    host.executor.submit(lambda: None).result()  # let any detach run
+    assert host.attached() == ["a@1"]
+    params = GenParams("calm", duration_s=0.2, seed=1)
+    [with_a, base] = run([("a@1", params), (None, params)])
+    assert with_a.adapter == "a@1" and base.adapter is None and with_a.group_size == 1
+    assert host.attached() == []  # detached once its last request ran
+    with pytest.raises(AdapterNotFoundError):
+        host.hold("a@1")
+    # groups: requests for the same adapter run back to back with one switch
+    host.load_blocking("a@1")
+    for _ in range(3):
+        host.hold("a@1")
+    out = run([("a@1", params), (None, params), ("a@1", params), ("a@1", params)])
+    assert [r.group_size for r in out] == [3, 1, 3, 3]
+    a_audio = [np.frombuffer(r.audio, np.uint8) for r in out]
+    assert np.array_equal(a_audio[0], a_audio[2]) and not np.array_equal(a_audio[0], a_audio[1])
+    with pytest.raises(AdapterNotFoundError):
+        host.fetch("missing@1")
