@@ -6,6 +6,7 @@ Layout under the registry root (any fsspec URL; by default `s3://musiclora/regis
 <root>/<family>/<name>/<version>/adapter_config.json      peft files, exactly as published
 <root>/<family>/<name>/<version>/adapter_model.safetensors
 <root>/<family>/<name>/<version>/card.json                the adapter card (+ any other flat files)
+<root>/<family>/<name>/<version>/claim.json               written FIRST, exclusively: allocates the number
 <root>/<family>/<name>/<version>/version.json             written LAST: marks the version complete
 <root>/<family>/<name>/latest.json                        the `latest` pointer, one PUT
 ```
@@ -13,7 +14,9 @@ Layout under the registry root (any fsspec URL; by default `s3://musiclora/regis
 Readers never see a half-written version: a version exists only once its `version.json` is
 there, and `version.json` is the last object a publish writes. The pointer is a single small
 object replaced in one PUT (atomic on S3 and on a local disk through a rename), and it only ever
-names a complete version. Versions are positive integers and never change once complete.
+names a complete version. Concurrent publishes of one name never share a number: each claims its
+number with a conditional create of `claim.json` (S3 `If-None-Match: *`; `O_EXCL` on a local disk)
+and moves to the next number when another publish got there first. Versions are positive integers and never change once complete.
 
 Adapters are named by reference `name[@version]`; `version` is an integer or `latest`, and no
 version means `latest` (the promoted version, else the newest complete one). Names are unique
@@ -39,6 +42,8 @@ from musiclora.storage import DEFAULT_BUCKET, get_fs, join_url, split_url, stora
 REGISTRY_URL_ENV = "MUSICLORA_REGISTRY_URL"
 DEFAULT_REGISTRY_URL = f"s3://{DEFAULT_BUCKET}/registry"
 MARKER = "version.json"
+CLAIM = "claim.json"
+MAX_CLAIM_TRIES = 1000
 POINTER = "latest.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # never published: loading them unpickles
@@ -371,14 +376,53 @@ class Registry:
                                  "names are unique across families: pick another name")
 
     def _new_version(self, family: str, name: str, version: int | None) -> int:
+        """Allocate a version number by claiming it (conditional create): safe under concurrent publishes.
+
+        Raises:
+            ValueError: an explicit `version` that is complete already or claimed by another publish.
+            RegistryError: no free number found after `MAX_CLAIM_TRIES` tries.
+        """
+        if version is not None:
+            self.version_url(family, name, version)  # validates the number
+            if version in self.versions(family, name):
+                raise ValueError(f"adapter {name!r} ({family}) already has version {version} in {self.url}; "
+                                 "versions are immutable: publish a new one")
+            if not self._claim(family, name, version):
+                raise ValueError(f"adapter {name!r} ({family}) version {version} is claimed by another publish "
+                                 f"(running, or one that died) in {self.url}: publish another number")
+            return version
         existing = self.versions(family, name, complete_only=False)
-        if version is None:
-            return (existing[-1] if existing else 0) + 1
-        self.version_url(family, name, version)  # validates the number
-        if version in self.versions(family, name):
-            raise ValueError(f"adapter {name!r} ({family}) already has version {version} in {self.url}; "
-                             "versions are immutable: publish a new one")
-        return version
+        candidate = (existing[-1] if existing else 0) + 1
+        for _ in range(MAX_CLAIM_TRIES):
+            if self._claim(family, name, candidate):
+                return candidate
+            candidate += 1
+        raise RegistryError(f"no free version number for {name!r} ({family}) in {self.url} "
+                            f"after {MAX_CLAIM_TRIES} tries")
+
+    def _claim(self, family: str, name: str, version: int) -> bool:
+        """Create `<version>/claim.json` only if absent; True when this call created it."""
+        url = join_url(self.version_url(family, name, version), CLAIM)
+        data = json.dumps({"claimed_at": time.time(), "pid": os.getpid()}).encode("utf-8")
+        protocol, path = split_url(url)
+        if protocol == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        fs, path = get_fs(url)
+        try:
+            with storage_errors(url):
+                fs.pipe_file(path, data, mode="create")
+        except Exception as exc:
+            if isinstance(exc, FileExistsError) or "condition" in str(exc).lower():
+                return False  # S3 412 PreconditionFailed: another publish holds this number
+            raise
+        return True
 
     def _children(self, url: str) -> list[str]:
         fs, path = get_fs(url)

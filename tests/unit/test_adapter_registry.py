@@ -154,3 +154,36 @@ def test_cli_publish_list_show_promote(tmp_path, adapter_dirs):
     assert bad.exit_code == 2 and "no version 9" in bad.output
     bad = runner.invoke(adapters_app, ["show", "../etc", *reg])
     assert bad.exit_code == 2 and "not valid" in bad.output
+
+
+def _publish_concurrently(reg: Registry, source: str, name: str, n: int) -> list[int]:
+    """`n` publishes of one name at once (threads released together by a barrier); their version numbers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(n)
+
+    def one(_):
+        barrier.wait()
+        return reg.publish(source, name).version
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_concurrent_publishes_of_one_name_get_distinct_versions(tmp_path, adapter_dirs):
+    reg = Registry(str(tmp_path / "registry"))
+    versions = _publish_concurrently(reg, adapter_dirs[0], "lofi", 8)
+    assert sorted(versions) == list(range(1, 9))
+    assert reg.versions("musicgen-melody", "lofi") == list(range(1, 9))
+    for v in versions:  # every version is whole: its marker lists the files that are there
+        shown = reg.show(f"lofi@{v}")
+        assert shown["version"] == v
+
+
+def test_explicit_version_held_by_a_claim_is_refused(tmp_path, adapter_dirs):
+    reg = Registry(str(tmp_path / "registry"))
+    assert reg._claim("musicgen-melody", "lofi", 5)  # a publish of 5 running (or died) elsewhere
+    with pytest.raises(ValueError, match="claimed by another publish"):
+        reg.publish(adapter_dirs[0], "lofi", version=5)
+    assert reg.publish(adapter_dirs[0], "lofi").version == 6
