@@ -312,6 +312,27 @@ def trim_silence(x: np.ndarray, sr: int, top_db: float = 40.0) -> np.ndarray:
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
+def leading_silence_s(x: np.ndarray, sr: int, top_db: float | None = 40.0) -> float:
+    """Seconds `trim_silence` cuts from the start of `x` (0 when `top_db` is None).
+
+    Lets a segment of the trimmed audio name its time in the original file, e.g. to read a
+    paired stem over the same window.
+
+    Args:
+        x: float waveform, shape [L] or [C, L], at `sr` Hz.
+        sr: sample rate in Hz.
+        top_db: the `trim_silence` threshold; None means no trimming.
+    """
+    import librosa
+
+    if top_db is None or x.shape[-1] == 0:
+        return 0.0
+    frame = _trim_frame_length(int(sr))
+    _, (start, _end) = librosa.effects.trim(np.asarray(to_mono(x), np.float32), top_db=top_db, frame_length=frame,
+                                            hop_length=frame // 4)
+    return float(start) / sr
+
+
 def rms_db(x: np.ndarray) -> float:
     """Root-mean-square level of a waveform in dBFS (a full-scale square wave is 0 dBFS).
 
@@ -462,3 +483,30 @@ def check_clips(wavs: list[np.ndarray], min_samples: int = 1) -> list[np.ndarray
             raise ValueError(f"wavs[{i}] contains NaN or infinite samples")
         out.append(arr)
     return out
+
+
+def load_window(url: str, start_s: float, duration_s: float, sample_rate: int) -> np.ndarray:
+    """Decode `duration_s` seconds of a file from `start_s`, as mono float32 at `sample_rate` Hz.
+
+    For paired conditioning audio (a stem, a sung or hummed take) read over the window of the
+    segment it conditions.
+
+    Args:
+        url: local path or fsspec URL of the audio file.
+        start_s: window start in seconds.
+        duration_s: window length in seconds.
+        sample_rate: output rate in Hz.
+
+    Returns:
+        float32 [L] with L <= round(duration_s * sample_rate) (shorter where the file ends early).
+
+    Raises:
+        AudioDecodeError: the file cannot be decoded.
+        FileNotFoundError: nothing at `url`.
+    """
+    from musiclora.storage import open_url
+
+    with open_url(url, "rb") as f:
+        wav, sr = load_audio(f, name=url)
+    clip = to_mono(wav)[int(start_s * sr) : int((start_s + duration_s) * sr)]
+    return resample(clip, sr, sample_rate)

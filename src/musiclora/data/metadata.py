@@ -42,6 +42,9 @@ class TrackMeta(BaseModel):
         bpm: optional tempo in beats per minute (> 0).
         key: optional musical key, free text (e.g. "Eb minor").
         mood: optional mood, free text.
+        melody_path: optional second file of the same track (a stem, or a sung / hummed take, as in
+            voice-to-music) whose chroma conditions MusicGen-Melody instead of the mix's; same timing.
+        cond_audio: optional second file whose CLAP audio embedding conditions AudioLDM; same timing.
     Extra columns (e.g. the bundled corpus's ``artist``, ``licence``, ``duration_s``) are kept.
     """
 
@@ -53,8 +56,10 @@ class TrackMeta(BaseModel):
     bpm: float | None = Field(default=None, gt=0)
     key: str | None = None
     mood: str | None = None
+    melody_path: str | None = None
+    cond_audio: str | None = None
 
-    @field_validator("genre", "bpm", "key", "mood", mode="before")
+    @field_validator("genre", "bpm", "key", "mood", "melody_path", "cond_audio", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -127,6 +132,9 @@ def _make_track(row: dict, base: str, source: str, where: str) -> TrackMeta:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"{source}: {where}: {problems}") from exc
     track.path = _resolve(track.path, base)
+    for paired in ("melody_path", "cond_audio"):
+        if getattr(track, paired):
+            setattr(track, paired, _resolve(getattr(track, paired), base))
     return track
 
 

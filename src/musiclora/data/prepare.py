@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from musiclora.audio import AudioDecodeError, is_silent, load_audio, preprocess, segment
+from musiclora.audio import AudioDecodeError, is_silent, leading_silence_s, load_audio, preprocess, segment
 from musiclora.config import PrepareConfig
 from musiclora.data.analysis import retune_caption
 from musiclora.data.augment import Augmentation, apply_augmentation, draw_augmentations
@@ -106,6 +106,7 @@ def track_segments(track: dict[str, Any], cfg: PrepareConfig, sample_rate: int) 
     min_s = min(cfg.min_s or cfg.segment_s, cfg.segment_s)
     if y.shape[-1] < min_s * sample_rate:
         raise ValueError(f"too short: {y.shape[-1] / sample_rate:.2f} s after trimming, min_s is {min_s} s")
+    offset_s = leading_silence_s(wav, sr, cfg.trim_db) if _paired_audio(track) else 0.0
     augs = draw_augmentations(
         track["path"], cfg.augment_copies, cfg.seed, cfg.pitch_shift_semitones, cfg.time_stretch, cfg.noise_snr_db
     )
@@ -115,14 +116,26 @@ def track_segments(track: dict[str, Any], cfg: PrepareConfig, sample_rate: int) 
         windows = [w for w in segment(z, sample_rate, cfg.segment_s, cfg.hop_s, min_s) if not is_silent(w.audio[: w.num_valid])]
         if cfg.max_segments_per_track:
             windows = windows[: cfg.max_segments_per_track]
-        out += [_segment(track, aug, w, sample_rate) for w in windows]
+        out += [_segment(track, aug, w, sample_rate, offset_s) for w in windows]
     if not out:
         raise ValueError(f"no audible segment of at least min_s={min_s} s")
     return out, wav.shape[-1] / sr
 
 
-def _segment(track: dict[str, Any], aug: Augmentation, w, sample_rate: int) -> Segment:
+PAIRED_AUDIO = ("melody_path", "cond_audio")
+"""Metadata columns naming a second file of the same track that conditions instead of the mix
+(MusicGen-Melody's chroma, AudioLDM's CLAP audio embedding): a stem, a sung or hummed take."""
+
+
+def _paired_audio(track: dict[str, Any]) -> bool:
+    return any(track.get(k) for k in PAIRED_AUDIO)
+
+
+def _segment(track: dict[str, Any], aug: Augmentation, w, sample_rate: int, offset_s: float = 0.0) -> Segment:
     meta = {k: track.get(k) for k in ("genre", "bpm", "key", "mood") if track.get(k) is not None}
+    if aug.is_identity and _paired_audio(track):  # augmented copies condition on their own (changed) mix
+        meta.update({k: track[k] for k in PAIRED_AUDIO if track.get(k)})
+        meta["source_start_s"] = offset_s + w.start / sample_rate  # in the untrimmed file's time
     caption = track["caption"]
     if not aug.is_identity:
         caption = retune_caption(caption, track.get("key"), track.get("bpm"), aug.semitones, aug.rate)

@@ -343,14 +343,11 @@ def _conditioning_clip(seg: Segment) -> tuple[np.ndarray, str]:
     path = seg.meta.get("cond_audio")
     if not path:
         return seg.audio[: seg.num_valid], "clip"
-    from musiclora.audio import is_silent, load_audio, resample, to_mono
-    from musiclora.storage import open_url
+    from musiclora.audio import is_silent, load_window
 
-    with open_url(path, "rb") as f:
-        wav, sr = load_audio(f, name=path)
-    start = float(seg.meta.get("start_s", 0.0))
+    start = float(seg.meta.get("source_start_s", seg.meta.get("start_s", 0.0)))
     dur = seg.num_valid / SAMPLE_RATE
-    clip = resample(to_mono(wav)[int(start * sr) : int((start + dur) * sr)], sr, SAMPLE_RATE)
+    clip = load_window(path, start, dur, SAMPLE_RATE)
     if clip.size == 0 or is_silent(clip):
         raise ValueError(f"cond_audio {path}: silent or empty over {start:.2f}-{start + dur:.2f} s of segment {seg.key}")
     return clip, f"cond_audio:{path}"

@@ -118,3 +118,40 @@ def melody_chroma(
     norm = torch.nn.functional.normalize(raw, p=float("inf"), dim=-2, eps=1e-6).transpose(1, 2)
     one_hot = torch.zeros_like(norm).scatter_(-1, norm.argmax(-1, keepdim=True), 1.0)
     return one_hot[0] if squeeze else one_hot
+
+
+def zero_padded_chroma(chroma: torch.Tensor, valid_samples: torch.Tensor, hop_length: int = HOP_LENGTH) -> torch.Tensor:
+    """Zero the chroma frames of zero-padding, so the padded tail of a short segment is not read as C.
+
+    The extractor's argmax turns a silent frame into a one-hot C (bin 0); for the padded tail of a
+    segment that would teach "C" where there is no music. A frame t is centred on sample t * hop
+    (center=True); it counts as padding when that sample lies at or past the valid audio.
+
+    Args:
+        chroma: float chroma, shape [B, T_c, 12].
+        valid_samples: int number of real samples per item, shape [B].
+        hop_length: the chroma hop in samples (4096 at 32 kHz).
+
+    Returns:
+        chroma with the padding frames set to 0, same shape and dtype (a new tensor).
+
+    Raises:
+        ValueError: `chroma` is not [B, T_c, 12] or `valid_samples` is not [B].
+    """
+    if chroma.dim() != 3 or chroma.shape[-1] != NUM_CHROMA or valid_samples.shape != (chroma.shape[0],):
+        raise ValueError(f"expected chroma [B, T_c, 12] and valid_samples [B]; got {tuple(chroma.shape)} and "
+                         f"{tuple(valid_samples.shape)}")
+    centres = torch.arange(chroma.shape[1], device=chroma.device) * hop_length
+    keep = centres[None, :] < valid_samples.to(chroma.device)[:, None]
+    return chroma * keep[:, :, None].to(chroma.dtype)
+
+
+def null_chroma(num_frames: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The null melody condition of classifier-free guidance: every frame one-hot C, shape [num_frames, 12].
+
+    Source: transformers `MusicgenMelodyForConditionalGeneration._prepare_encoder_hidden_states_kwargs_for_generation`
+    (`null_audio_hidden_states[:, :, 0] = 1`).
+    """
+    out = torch.zeros(num_frames, NUM_CHROMA, dtype=dtype, device=device)
+    out[:, 0] = 1
+    return out

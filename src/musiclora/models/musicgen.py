@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from musiclora.models.base import Loaded, ModelFamily, Segment
-from musiclora.models.chroma import melody_chroma
+from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
+from musiclora.models.chroma import melody_chroma, null_chroma, zero_padded_chroma
 from musiclora.models.tiny_tokenizer import build_t5_tokenizer
 
 MAX_TEXT_TOKENS = 64
@@ -98,6 +100,26 @@ def build_tiny_musicgen_melody(seed: int = 0):
     return model, tokenizer
 
 
+class MusicgenOptions(BaseModel):
+    """`model.options` of a MusicGen-Melody run: condition dropout, so guidance has a trained null branch.
+
+    Generation uses classifier-free guidance (scale 3.0 by default), which also runs the model on the
+    null condition (zero text states, all-C chroma: transformers' `null_audio_hidden_states`). Without
+    dropout the adapter never sees that branch. Defaults are audiocraft's `conditioner/chroma2music.yaml`.
+
+    Attributes:
+        cond_dropout: probability, per training sample, of dropping text and melody together
+            (audiocraft `classifier_free_guidance.training_dropout: 0.2`).
+        melody_dropout: probability, per training sample, of dropping the melody alone (audiocraft
+            `attribute_dropout.wav.self_wav: 0.5`), so text-only prompts stay in distribution.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cond_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    melody_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
 class MusicgenMelodyFamily(ModelFamily):
     """MusicGen-Melody: EnCodec codes + melody chroma + caption -> LoRA on the decoder."""
 
@@ -112,6 +134,26 @@ class MusicgenMelodyFamily(ModelFamily):
         ],
     }
     sample_rate = 32_000
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = MusicgenOptions()
+        if options:
+            self.configure(options)
+
+    def configure(self, options: dict[str, Any] | None) -> MusicgenMelodyFamily:
+        """Validate and apply `model.options` (see `MusicgenOptions`); returns self.
+
+        Raises:
+            ValueError: an unknown key or a bad value (names `model.options.<key>`).
+        """
+        try:
+            self.options = MusicgenOptions.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+            )
+            raise ValueError(f"invalid MusicGen-Melody options: {problems}") from None
+        return self
 
     def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
         from transformers import AutoTokenizer, MusicgenMelodyForConditionalGeneration
@@ -163,7 +205,8 @@ class MusicgenMelodyFamily(ModelFamily):
             "codebook_size": int(cfg.audio_encoder.codebook_size),
             "fields": {
                 "codes.npy": "int16 [K, T] EnCodec tokens",
-                "chroma.npy": "uint8 [T_c, 12] one-hot melody chroma (MusicgenMelodyFeatureExtractor)",
+                "chroma.npy": "uint8 [T_c, 12] one-hot melody chroma (MusicgenMelodyFeatureExtractor) of the mix "
+                              "or of the track's melody_path; all-zero rows past the valid audio",
                 "json": "caption, num_frames (valid frames), source, start_s, duration_s",
             },
         }
@@ -179,11 +222,14 @@ class MusicgenMelodyFamily(ModelFamily):
         model = loaded.model
         wav = torch.from_numpy(np.stack([s.audio for s in segments])).float()
         codes = model.audio_encoder.encode(wav[:, None, :].to(model.dtype)).audio_codes[0]  # [B, K, T]
-        chroma = melody_chroma(wav, self.sample_rate)
+        melody = torch.from_numpy(np.stack([_melody_audio(s, self.sample_rate) for s in segments])).float()
+        valid = torch.tensor([s.num_valid for s in segments])
+        chroma = zero_padded_chroma(melody_chroma(melody, self.sample_rate), valid, CHROMA_HOP)
         hop = model.config.audio_encoder.sampling_rate // self.frame_rate(model)
         out = []
         for i, seg in enumerate(segments):
-            meta = dict(seg.meta, caption=seg.caption, num_frames=int(np.ceil(seg.num_valid / hop)))
+            meta = dict(seg.meta, caption=seg.caption, num_frames=int(np.ceil(seg.num_valid / hop)),
+                        chroma_source="melody_path" if seg.meta.get("melody_path") else "mix")
             out.append({
                 "__key__": seg.key,
                 "codes.npy": _npy_bytes(codes[i].to(torch.int16).numpy()),
@@ -193,13 +239,16 @@ class MusicgenMelodyFamily(ModelFamily):
         return out
 
     def collate(self, samples: list[dict[str, Any]], loaded: Loaded) -> dict[str, torch.Tensor]:
-        """Decoded samples -> `codes` [B, K, T] int64, `valid` [B, T] bool, `chroma` [B, T_c, 12] float32,
-        `input_ids`/`attention_mask` [B, N] from the tokenizer (captions truncated to 64 tokens)."""
+        """Decoded samples -> `codes` [B, K, T] int64, `valid` [B, T] bool, `chroma` [B, T_c, 12] float32
+        (zero past the valid frames), `input_ids`/`attention_mask` [B, N] from the tokenizer (captions
+        truncated to 64 tokens)."""
         codes = torch.stack([torch.as_tensor(s["codes.npy"].astype(np.int64)) for s in samples])
         t = codes.shape[-1]
         frames = torch.tensor([min(int(s["json"]["num_frames"]), t) for s in samples])
         valid = torch.arange(t)[None, :] < frames[:, None]
         chroma = torch.stack([torch.as_tensor(s["chroma.npy"].astype(np.float32)) for s in samples])
+        codec_hop = self.sample_rate // self.frame_rate(loaded.model)
+        chroma = zero_padded_chroma(chroma, frames * codec_hop, CHROMA_HOP)  # also shards made before the fix
         text = loaded.tokenizer(
             [s["json"]["caption"] for s in samples], padding=True, truncation=True,
             max_length=MAX_TEXT_TOKENS, return_tensors="pt",
@@ -217,6 +266,8 @@ class MusicgenMelodyFamily(ModelFamily):
         """Cross-entropy over the K codebooks in the delay pattern, padding masked, mean over K.
 
         Source: audiocraft `MusicGenSolver._compute_cross_entropy` (per-codebook CE, averaged).
+        While the model is in training mode, conditions are dropped per sample as `options` says
+        (`drop_conditions`), so classifier-free guidance has a trained unconditional branch.
         """
         codes, valid = batch["codes"], batch["valid"]
         b, k, t = codes.shape
@@ -225,9 +276,12 @@ class MusicgenMelodyFamily(ModelFamily):
         decoder_input_ids = delayed[:, :, :-1].reshape(b * k, t + k)
         labels = delayed[:, :, 1:].masked_fill(~dvalid[:, :, 1:], -100)  # [B, K, T + K]
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        attention_mask, chroma = batch["attention_mask"], batch["chroma"]
+        if model.training:
+            attention_mask, chroma = drop_conditions(attention_mask, chroma, self.options)
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            input_features=batch["chroma"].to(dtype), decoder_input_ids=decoder_input_ids,
+            input_ids=batch["input_ids"], attention_mask=attention_mask,
+            input_features=chroma.to(dtype), decoder_input_ids=decoder_input_ids,
         )
         logits = out.logits[:, -(t + k):].reshape(b, k, t + k, -1).float()
         per_codebook = [
@@ -267,6 +321,59 @@ class MusicgenMelodyFamily(ModelFamily):
             guidance_scale=guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1, **kwargs,
         )
         return audio[0, 0].float().cpu().numpy(), self.sample_rate
+
+
+def drop_conditions(
+    attention_mask: torch.Tensor, chroma: torch.Tensor, options: MusicgenOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free-guidance dropout of the conditions, per sample (training only).
+
+    A dropped text gets an all-zero attention mask: MusicGen-Melody multiplies the text states by
+    the mask, which gives the zero text states its guidance uses as the null condition. A dropped
+    melody becomes `null_chroma` (all C), transformers' `null_audio_hidden_states`. Draws come from
+    torch's global generator (seeded per rank by the trainer, saved in checkpoints).
+
+    Args:
+        attention_mask: int64 [B, N] text mask.
+        chroma: float32 [B, T_c, 12] melody chroma.
+        options: the dropout rates (`cond_dropout` for both, `melody_dropout` for the melody alone).
+
+    Returns:
+        (attention_mask [B, N], chroma [B, T_c, 12]), new tensors; the inputs are not modified.
+    """
+    b = attention_mask.shape[0]
+    drop_all = torch.rand(b) < options.cond_dropout
+    drop_melody = drop_all | (torch.rand(b) < options.melody_dropout)
+    mask = attention_mask.masked_fill(drop_all.to(attention_mask.device)[:, None], 0)
+    null = null_chroma(chroma.shape[1], dtype=chroma.dtype, device=chroma.device)
+    chroma = torch.where(drop_melody.to(chroma.device)[:, None, None], null[None], chroma)
+    return mask, chroma
+
+
+def _melody_audio(seg: Segment, sample_rate: int) -> np.ndarray:
+    """The waveform whose chroma conditions a segment: its track's `melody_path` over the same window
+    (a stem, or a hummed / sung take, as in voice-to-music), else the segment's own audio.
+
+    Returns:
+        float32 [L] at `sample_rate`, zero-padded or cut to the segment's length.
+
+    Raises:
+        AudioDecodeError: the melody file cannot be decoded.
+        ValueError: the melody is silent over the segment's window.
+    """
+    path = seg.meta.get("melody_path")
+    if not path:
+        return seg.audio
+    from musiclora.audio import is_silent, load_window
+
+    start = float(seg.meta.get("source_start_s", seg.meta.get("start_s", 0.0)))
+    clip = load_window(path, start, seg.num_valid / sample_rate, sample_rate)
+    if clip.size == 0 or is_silent(clip):
+        raise ValueError(f"melody_path {path}: silent or empty over the window of segment {seg.key}")
+    out = np.zeros_like(seg.audio)
+    n = min(clip.size, seg.num_valid)
+    out[:n] = clip[:n]
+    return out
 
 
 @torch.no_grad()

@@ -50,6 +50,20 @@ def test_track_segments_cut_trimmed_normalised_audio(tmp_path):
     assert np.abs(segs[0].audio).max() <= 10 ** (-1 / 20) + 1e-4  # loudness-normalised under the -1 dBFS ceiling
 
 
+def test_paired_melody_keeps_the_untrimmed_file_time(tmp_path):
+    """A stem in `melody_path` is read over the segment's window in the original file's time."""
+    x = np.concatenate([np.zeros(SR), tone(440, 4.0)])  # 1 s of leading silence is trimmed away
+    sf.write(tmp_path / "a.wav", x, SR)
+    segs, _ = track_segments(track(tmp_path / "a.wav", melody_path=str(tmp_path / "hum.wav")),
+                             cfg(tmp_path, augment_copies=1, pitch_shift_semitones=2), SR)
+    plain = [s for s in segs if "augmentation" not in s.meta]
+    shifted = [s for s in segs if "augmentation" in s.meta]
+    assert plain and shifted
+    assert [s.meta["melody_path"] for s in plain] == [str(tmp_path / "hum.wav")] * len(plain)
+    assert plain[1].meta["source_start_s"] == pytest.approx(plain[1].meta["start_s"] + 1.0, abs=0.05)
+    assert all("melody_path" not in s.meta for s in shifted)  # a re-pitched copy conditions on its own mix
+
+
 def test_bad_tracks_raise_with_a_reason(tmp_path):
     from musiclora.audio import AudioDecodeError
 
