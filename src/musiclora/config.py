@@ -164,6 +164,8 @@ class PrepareConfig(_Strict):
         time_stretch: largest relative tempo change of a copy, e.g. 0.1 for +-10 % (0: off).
         noise_snr_db: lowest signal-to-noise ratio of noise added to a copy, dB (None: off).
         target_shard_mb: close a shard before it would pass this size in MB (None: count only).
+        model_options: the family's `model.options` as training will set them (validated by the
+            family), where they change what the shards hold, e.g. AudioLDM's `condition: audio`.
     """
 
     family: str = "musicgen-melody"
@@ -184,6 +186,7 @@ class PrepareConfig(_Strict):
     time_stretch: float = Field(0.0, ge=0, lt=0.5)
     noise_snr_db: float | None = None
     target_shard_mb: float | None = Field(None, gt=0)
+    model_options: dict[str, Any] = {}
 
     @field_validator("family")
     @classmethod

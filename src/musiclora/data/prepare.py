@@ -187,7 +187,7 @@ class EncodeTask:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = PrepareConfig.model_validate(cfg)
-        self.family = get_family(self.cfg.family)
+        self.family = get_family(self.cfg.family).configure(self.cfg.model_options)
         self.loaded = self.family.load(self.cfg.base)
         self.spec = json.dumps(self.family.feature_spec(self.loaded), sort_keys=True)
 
@@ -285,7 +285,7 @@ def _write_group(group: dict[str, np.ndarray], output_url: str) -> dict[str, lis
 
 def _check(cfg: PrepareConfig) -> None:
     """Config mistakes that pydantic cannot see alone; raised before Ray starts."""
-    get_family(cfg.family)
+    get_family(cfg.family).configure(cfg.model_options)  # unknown family or bad options: fail before any work
     draw_augmentations("check", cfg.augment_copies, cfg.seed, cfg.pitch_shift_semitones, cfg.time_stretch, cfg.noise_snr_db)
     if cfg.min_s > cfg.segment_s:
         raise ValueError(f"prepare: min_s={cfg.min_s} must not exceed segment_s={cfg.segment_s}")

@@ -57,12 +57,16 @@ class AudioLDMOptions(BaseModel):
             guidance has an unconditional model to contrast with.
         condition: which stored CLAP embedding conditions training: `text` (of the caption) or
             `audio` (of the clip itself, or of its paired conditioning clip such as a vocal stem).
+            Prepare computes CLAP audio embeddings only for `audio` (or tracks with `cond_audio`).
+        clap_audio: the CLAP checkpoint (hub id or folder) whose audio tower the base was trained with,
+            when the base does not ship it as `audio_encoder/`; audio conditioning fails without one.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     condition: Literal["text", "audio"] = "text"
+    clap_audio: str | None = None
 
 
 class AudioLDMFamily(ModelFamily):
@@ -125,7 +129,7 @@ class AudioLDMFamily(ModelFamily):
         """The CLAP audio embedder of a loaded model (loaded on first use, then cached)."""
         inner = _container(model)
         if inner.extras.get("clap_audio") is None:
-            inner.extras["clap_audio"] = load_clap_audio(inner.extras.get("source", {}))
+            inner.extras["clap_audio"] = load_clap_audio(inner.extras.get("source", {}), self.options.clap_audio)
         return inner.extras["clap_audio"]
 
     # ------------------------------------------------------------------ data
@@ -145,10 +149,21 @@ class AudioLDMFamily(ModelFamily):
             "fields": {
                 "latents.npy": "float16 [C, T', F'] VAE posterior mean of the log-mel (unscaled)",
                 "clap_text.npy": "float32 [D] L2-normalised CLAP text embedding of the caption",
-                "clap_audio.npy": "float32 [D] L2-normalised CLAP audio embedding of the clip (or its cond_audio)",
+                **({"clap_audio.npy": "float32 [D] L2-normalised CLAP audio embedding of the clip (or its cond_audio)"}
+                   if self.options.condition == "audio" else {}),
                 "json": "caption, num_frames (valid latent frames), audio_embed_source, source, start_s, duration_s",
             },
         }
+
+    def check_shards(self, feature_spec: dict[str, Any]) -> None:
+        """Audio conditioning needs shards prepared with `model_options.condition: audio`.
+
+        Raises:
+            ValueError: `options.condition` is `audio` and the shards hold no CLAP audio embeddings.
+        """
+        if self.options.condition == "audio" and "clap_audio.npy" not in feature_spec.get("fields", {}):
+            raise ValueError("model.options.condition is 'audio' but the shards hold no clap_audio.npy: re-run prepare "
+                             "with model_options.condition: audio")
 
     @torch.no_grad()
     def encode_segments(self, loaded: Loaded, segments: list[Segment]) -> list[dict[str, Any]]:
@@ -173,8 +188,10 @@ class AudioLDMFamily(ModelFamily):
         vae_dtype = next(model.vae.parameters()).dtype
         latents = model.vae.encode(mel[:, None].to(vae_dtype)).latent_dist.mode().float()  # [B, C, T/f, 64/f]
         text = clap_text_embeddings(model.text_encoder, loaded.tokenizer, [s.caption for s in segments])
-        clips, sources = zip(*(_conditioning_clip(s) for s in segments))
-        audio = clap_audio_embeddings(self.clap_audio(model), list(clips))
+        audio, sources = None, ["none"] * len(segments)
+        if self.options.condition == "audio" or any(s.meta.get("cond_audio") for s in segments):
+            clips, sources = zip(*(_conditioning_clip(s) for s in segments))
+            audio = clap_audio_embeddings(self.clap_audio(model), list(clips))
         out = []
         for i, seg in enumerate(segments):
             frames = math.ceil(seg.num_valid / HOP_LENGTH / factor)
@@ -183,8 +200,8 @@ class AudioLDMFamily(ModelFamily):
                 "__key__": seg.key,
                 "latents.npy": _npy_bytes(latents[i].to(torch.float16).numpy()),
                 "clap_text.npy": _npy_bytes(text[i].numpy()),
-                "clap_audio.npy": _npy_bytes(audio[i].numpy()),
                 "json": meta,
+                **({"clap_audio.npy": _npy_bytes(audio[i].numpy())} if audio is not None else {}),
             })
         return out
 
@@ -197,6 +214,9 @@ class AudioLDMFamily(ModelFamily):
         frames = torch.tensor([min(int(s["json"]["num_frames"]), t) for s in samples])
         valid = torch.arange(t)[None, :] < frames[:, None]
         field = "clap_text.npy" if self.options.condition == "text" else "clap_audio.npy"
+        if any(field not in s for s in samples):
+            raise ValueError(f"model.options.condition={self.options.condition!r} needs {field} in every sample, but "
+                             "the shards were prepared without it: re-run prepare with model_options.condition: audio")
         cond = torch.stack([torch.as_tensor(s[field].astype(np.float32)) for s in samples])
         uncond = _container(loaded.model).extras["uncond"].float()[None].expand_as(cond).clone()
         return {"latents": latents, "valid": valid, "cond": cond, "uncond": uncond}

@@ -13,7 +13,7 @@ checkpoint the same way:
     vocoder/        transformers SpeechT5HifiGan (log-mel [B, T, 64] -> 16 kHz waveform)
     scheduler/      diffusers DDIMScheduler config
     audio_encoder/  transformers ClapModel whose audio tower embeds clips (musiclora's addition;
-    feature_extractor/  its ClapFeatureExtractor)  absent from the hub folder: see DEFAULT_CLAP_AUDIO
+    feature_extractor/  its ClapFeatureExtractor)  absent from the hub folder: see CLAP_AUDIO_HINT
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ FMIN, FMAX = 0.0, 8000.0
 LOG_FLOOR = 1e-5
 """Magnitudes are clamped to this before the log (AudioLDM's `dynamic_range_compression`)."""
 
-DEFAULT_CLAP_AUDIO = "laion/clap-htsat-unfused"
-"""Where the CLAP audio tower comes from when the base folder has no `audio_encoder/`: the CLAP
-checkpoint diffusers' AudioLDM docs name for the text encoder. Its audio space matches the text
-encoder's only as far as the two checkpoints agree; put a matching `audio_encoder/` into the base
-folder when you have one."""
+CLAP_AUDIO_HINT = (
+    "AudioLDM's audio conditioning needs the CLAP audio tower its UNet was trained against (the one paired with "
+    "the base's text_encoder); put it into <base>/audio_encoder (+ feature_extractor/) or name it with "
+    "model.options.clap_audio (a hub id or folder). No other CLAP is substituted: its audio space would not "
+    "match the text encoder's"
+)
 
 COMPONENTS = {
     "unet": ("diffusers", "UNet2DConditionModel"),
@@ -273,15 +274,20 @@ def audioldm_skeleton(base: str, revision: str | None = None) -> AudioLDM:
         return AudioLDM(UNet2DConditionModel.from_config(configs["unet"]), AutoencoderKL.from_config(configs["vae"]))
 
 
-def load_clap_audio(source: dict[str, Any]):
-    """The CLAP audio embedder for a loaded base: `<base>/audio_encoder` when present, else
-    `DEFAULT_CLAP_AUDIO` (a transformers `ClapModel` + `ClapFeatureExtractor`).
+def load_clap_audio(source: dict[str, Any], clap_audio: str | None = None):
+    """The CLAP audio embedder of a loaded base: `<base>/audio_encoder` when the folder or repository
+    ships it, else the checkpoint the user names in `clap_audio` (`model.options.clap_audio`).
+
+    Args:
+        source: {"base": hub id or folder, "revision": ...} of the loaded base.
+        clap_audio: explicit CLAP checkpoint (hub id or folder) whose audio tower matches the base.
 
     Returns:
-        `musiclora.eval.embeddings.ClapAudioEmbedder`.
+        `musiclora.models.clap.ClapAudioEmbedder`.
 
     Raises:
-        ValueError: neither can be loaded (names both).
+        ValueError: neither exists; the message names what was tried and how to fix it (no other
+            CLAP is silently substituted).
     """
     from transformers import ClapFeatureExtractor, ClapModel
 
@@ -289,7 +295,7 @@ def load_clap_audio(source: dict[str, Any]):
 
     base, revision = source.get("base"), source.get("revision")
     errors = []
-    for where, sub, rev in ((base, "audio_encoder", revision), (DEFAULT_CLAP_AUDIO, None, None)):
+    for where, sub, rev in ((base, "audio_encoder", revision), (clap_audio, None, None)):
         if where is None:
             continue
         try:
@@ -299,7 +305,7 @@ def load_clap_audio(source: dict[str, Any]):
             return ClapAudioEmbedder(model, extractor, name=f"clap-audio:{where}")
         except (OSError, ValueError) as exc:
             errors.append(f"{where}{'/' + sub if sub else ''}: {exc}")
-    raise ValueError("no CLAP audio encoder for AudioLDM audio conditioning; tried " + "; ".join(errors))
+    raise ValueError(f"no CLAP audio encoder for AudioLDM base {base!r} ({'; '.join(errors)}). {CLAP_AUDIO_HINT}")
 
 
 def save_audioldm(model: AudioLDM, tokenizer, out_dir: str) -> str:

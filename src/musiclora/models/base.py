@@ -102,6 +102,16 @@ class ModelFamily(ABC):
     def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
         """JSON description of what each shard sample holds (written into manifest.json)."""
 
+    def check_shards(self, feature_spec: dict[str, Any]) -> None:
+        """Refuse shards that lack what this family's configured options need (preflight, no weights).
+
+        Args:
+            feature_spec: the manifest's `feature_spec` (written by `prepare`).
+
+        Raises:
+            ValueError: a field the options need is missing; the message says how to re-prepare.
+        """
+
     @abstractmethod
     def encode_segments(self, loaded: Loaded, segments: list[Segment]) -> list[dict[str, Any]]:
         """Turn segments into WebDataset samples (dicts of `__key__` and encoded fields)."""

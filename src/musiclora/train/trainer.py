@@ -66,6 +66,10 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
                 f"data.shards_url: shards were prepared with {key}={manifest.get('feature_spec', {}).get(key)!r} but "
                 f"model {cfg.model.base!r} expects {value!r}; re-run `musiclora prepare` with this base model"
             )
+    try:
+        family.check_shards(manifest.get("feature_spec", {}))
+    except ValueError as exc:
+        raise PreflightError(f"data.shards_url: {exc}") from None
     if cfg.run.eval_every and not manifest["num_samples"].get("val"):
         raise PreflightError("run.eval_every is set but the shards have no 'val' split (prepare with val_fraction > 0)")
     need = cfg.run.num_workers * cfg.data.batch_size

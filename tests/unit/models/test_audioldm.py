@@ -162,8 +162,8 @@ def test_unreadable_base_is_a_clear_error(fam, tmp_path):
 # --------------------------------------------------------------------------- shards and options
 
 
-def test_encode_segments_fields(fam, loaded):
-    dec = _decode(fam.encode_segments(loaded, _segments()))
+def test_encode_segments_fields(loaded):
+    dec = _decode(AudioLDMFamily({"condition": "audio"}).encode_segments(loaded, _segments()))
     assert dec[0]["latents.npy"].shape == (8, 64, 16) and dec[0]["latents.npy"].dtype == np.float16
     assert [d["json"]["num_frames"] for d in dec] == [64, math.ceil(1.2 * SR / 160 / 4)]
     for field in ("clap_text.npy", "clap_audio.npy"):
@@ -172,9 +172,37 @@ def test_encode_segments_fields(fam, loaded):
     assert dec[0]["json"]["audio_embed_source"] == "clip"
 
 
-def test_paired_conditioning_clip_replaces_the_clip_embedding(fam, loaded, tmp_path):
+def test_text_conditioning_computes_no_audio_embeddings(loaded, monkeypatch):
+    fam = AudioLDMFamily({"condition": "text"})
+    monkeypatch.setattr(fam, "clap_audio", lambda model: pytest.fail("CLAP audio tower used for text conditioning"))
+    dec = _decode(fam.encode_segments(loaded, _segments()))
+    assert "clap_audio.npy" not in dec[0] and dec[0]["json"]["audio_embed_source"] == "none"
+    with pytest.raises(ValueError, match="re-run prepare with model_options.condition: audio"):
+        AudioLDMFamily({"condition": "audio"}).collate(dec, loaded)
+
+
+def test_audio_conditioning_needs_the_bases_own_clap_audio_tower(tmp_path):
+    """A base folder without audio_encoder/ fails clearly; no other CLAP is substituted."""
+    import shutil
+
+    from musiclora.models.audioldm_components import load_clap_audio
+
+    folder = tmp_path / "tiny_audioldm"
+    get_family("audioldm").save_tiny(str(folder))
+    assert load_clap_audio({"base": str(folder)}).name == f"clap-audio:{folder}"
+    shutil.rmtree(folder / "audio_encoder")
+    with pytest.raises(ValueError, match="model.options.clap_audio"):
+        load_clap_audio({"base": str(folder)})
+    other = tmp_path / "clap"
+    get_family("audioldm").load("tiny").model.extras["clap_audio"].model.save_pretrained(str(other))
+    get_family("audioldm").load("tiny").model.extras["clap_audio"].feature_extractor.save_pretrained(str(other))
+    assert load_clap_audio({"base": str(folder)}, str(other)).name == f"clap-audio:{other}"
+
+
+def test_paired_conditioning_clip_replaces_the_clip_embedding(loaded, tmp_path):
     import soundfile as sf
 
+    fam = AudioLDMFamily({"condition": "audio"})
     seg = _segments(n=1)[0]
     vocal = tmp_path / "vocal.wav"
     sf.write(vocal, np.concatenate([np.zeros(SR, np.float32), _tone(880.0, 3.0)]), SR, subtype="FLOAT")
@@ -191,7 +219,7 @@ def test_paired_conditioning_clip_replaces_the_clip_embedding(fam, loaded, tmp_p
 
 
 def test_collate_picks_the_condition_named_by_options(loaded):
-    dec = _decode(get_family("audioldm").encode_segments(loaded, _segments()))
+    dec = _decode(AudioLDMFamily({"condition": "audio"}).encode_segments(loaded, _segments()))
     text = AudioLDMFamily({"condition": "text"}).collate(dec, loaded)
     audio = AudioLDMFamily({"condition": "audio"}).collate(dec, loaded)
     assert text["latents"].shape == (2, 8, 64, 16) and text["latents"].dtype == torch.float32
@@ -282,3 +310,13 @@ def test_container_is_found_under_wrappers(loaded):
     assert _container(Engine(loaded.model)) is loaded.model
     with pytest.raises(TypeError, match="AudioLDM"):
         _container(nn.Linear(2, 2))
+
+
+def test_check_shards_refuses_audio_conditioning_on_text_only_shards(loaded):
+    text_spec = AudioLDMFamily({"condition": "text"}).feature_spec(loaded)
+    audio_spec = AudioLDMFamily({"condition": "audio"}).feature_spec(loaded)
+    assert "clap_audio.npy" not in text_spec["fields"] and "clap_audio.npy" in audio_spec["fields"]
+    AudioLDMFamily({"condition": "audio"}).check_shards(audio_spec)
+    AudioLDMFamily({"condition": "text"}).check_shards(text_spec)
+    with pytest.raises(ValueError, match="condition: audio"):
+        AudioLDMFamily({"condition": "audio"}).check_shards(text_spec)
