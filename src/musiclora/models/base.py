@@ -154,11 +154,13 @@ class ModelFamily(ABC):
     def attach_adapter(self, model: nn.Module, adapter_dir: str, adapter_name: str = "default") -> nn.Module:
         """Attach a peft adapter folder to the family's LoRA root: the one way to attach an adapter.
 
-        The first adapter wraps the root with `PeftModel.from_pretrained`; more adapters (a root
-        that is a PeftModel already) go in with `load_adapter` under their own name and become the
-        active one. Every key of the folder must land on a module: a folder saved from another
-        root (e.g. a whole-model adapter on AudioLDM, whose adapters are UNet adapters) is refused
-        instead of silently leaving LoRA at zero. `adapters.load_adapter` downloads a URL first.
+        The first adapter wraps the root in a `PeftModel` (as `PeftModel.from_pretrained` does);
+        more adapters (a root that is a PeftModel already) go in with `load_adapter` under their
+        own name. The new adapter becomes the active one. Every LoRA module peft creates must get
+        its tensors from the folder: a folder saved from another root (e.g. a UNet adapter put on
+        the whole AudioLDM model, whose keys then match nothing) is refused, and the model left as
+        it was, instead of running with LoRA silently at zero. `adapters.load_adapter` downloads a
+        URL first.
 
         Args:
             model: the loaded model (`Loaded.model`), or what an earlier attach returned.
@@ -178,20 +180,24 @@ class ModelFamily(ABC):
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter_dir} is not a peft adapter folder: adapter_config.json missing")
         root = self.lora_root(model)
-        if isinstance(root, PeftModel):
-            if adapter_name in root.peft_config:
-                raise ValueError(f"adapter name {adapter_name!r} is already attached to this model")
-        else:  # what PeftModel.from_pretrained does, keeping load_adapter's result to check it
+        first = not isinstance(root, PeftModel)
+        if not first and adapter_name in root.peft_config:
+            raise ValueError(f"adapter name {adapter_name!r} is already attached to this model")
+        if first:  # what PeftModel.from_pretrained does, keeping load_adapter's result to check it
             config = LoraConfig.from_pretrained(adapter_dir)
             config.inference_mode = True
             root = PeftModel(root, config, adapter_name)
-        result = root.load_adapter(adapter_dir, adapter_name=adapter_name)
+        try:
+            missing = root.load_adapter(adapter_dir, adapter_name=adapter_name).missing_keys
+            if missing:
+                raise ValueError(
+                    f"adapter {adapter_dir}: {len(missing)} LoRA tensors of the {self.name} LoRA root are not in "
+                    f"the folder (e.g. {missing[:2]}); was it saved from another model or root?"
+                )
+        except BaseException:  # peft put LoRA layers into the modules in place: take them out again
+            root.unload() if first else root.delete_adapter(adapter_name)
+            raise
         root.set_adapter(adapter_name)
-        if result.missing_keys:
-            raise ValueError(
-                f"adapter {adapter_dir}: {len(result.missing_keys)} LoRA tensors of the {self.name} LoRA root are "
-                f"not in the folder (e.g. {result.missing_keys[:2]}); was it saved from another model or root?"
-            )
         return self.with_lora_root(model, root.eval()).eval()
 
     def detach_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module:

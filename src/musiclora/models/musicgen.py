@@ -258,7 +258,7 @@ class MusicgenMelodyFamily(ModelFamily):
         if request.melody is not None:
             wav = resample(request.melody, request.melody_sample_rate, self.sample_rate)
             kwargs["input_features"] = melody_chroma(wav[None], self.sample_rate).to(device, inner.dtype)
-        n_frames = max(1, int(round(request.duration_s * self.frame_rate(inner))))
+        n_frames = max(1, round(request.duration_s * self.frame_rate(inner)))
         # the delay pattern costs K - 1 extra steps before the last codebook's last frame is out
         audio = model.generate(
             input_ids=text["input_ids"], attention_mask=text["attention_mask"], do_sample=True, top_k=250,

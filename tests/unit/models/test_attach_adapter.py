@@ -142,3 +142,20 @@ def test_a_unet_adapter_on_the_whole_audioldm_model_is_refused(tmp_path):
         WholeModel().attach_adapter(fam.load("tiny").model, str(tmp_path / "unet_adapter"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         fam.attach_adapter(fam.load("tiny").model, str(tmp_path))
+
+
+def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
+    fam = get_family("audioldm")
+    model = apply_lora(fam.load("tiny").model, fam, AdapterConfig())
+    fam.lora_root(model).save_pretrained(str(tmp_path / "unet_adapter"), safe_serialization=True)
+
+    class WholeModel(AudioLDMFamily):
+        lora_root_attr = None
+
+    plain = fam.load("tiny").model
+    names = [n for n, _ in plain.named_modules()]
+    with pytest.raises(ValueError):
+        WholeModel().attach_adapter(plain, str(tmp_path / "unet_adapter"))
+    assert [n for n, _ in plain.named_modules()] == names
+    attached = fam.attach_adapter(plain, str(tmp_path / "unet_adapter"))  # the right root still takes it
+    assert fam.lora_root(attached).peft_config
