@@ -376,8 +376,11 @@ class _Api:
         if self.pending >= self.limits.max_pending:
             raise _fail(429, f"{self.pending} requests in flight, the limit is {self.limits.max_pending}; retry later",
                         {"Retry-After": self.retry_after()})
-        params = GenParams(req.prompt, req.duration_s, req.guidance_scale, req.seed, req.steps, melody, melody_sr,
-                           req.format)
+        try:
+            params = GenParams(req.prompt, req.duration_s, req.guidance_scale, req.seed, req.steps, melody, melody_sr,
+                               req.format)
+        except ValueError as exc:
+            raise _fail(422, str(exc)) from exc
         self.pending += 1
         start = time.perf_counter()
         try:

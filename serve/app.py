@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -48,6 +48,9 @@ class ModelArgs(ServedModel):
         max_batch_size: most requests one batch takes.
         batch_wait_timeout_s: how long a batch waits to fill.
         torch_threads: torch intra-op threads per replica.
+        device: where each replica runs the model: cpu, cuda or cuda:N (None: cuda if the replica
+            sees a GPU, else cpu; a GPU needs `ray_actor_options.num_gpus` on the deployment).
+        dtype: parameter dtype of the model.
     """
 
     revision: str | None = None
@@ -55,6 +58,8 @@ class ModelArgs(ServedModel):
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     torch_threads: int | None = Field(1, ge=1)
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class AppArgs(BaseModel):
@@ -105,7 +110,8 @@ class ModelServer:
 
     def __init__(self, model: dict[str, Any], registry_url: str | None):
         args = ModelArgs.model_validate(model)
-        self.host = ModelHost(args.family, args.base, registry_url, args.revision, args.torch_threads)
+        self.host = ModelHost(args.family, args.base, registry_url, args.revision, args.torch_threads,
+                              device=args.device, dtype=args.dtype)
 
         async def load_adapter(adapter_id: str) -> _AdapterSlot:
             local = await asyncio.to_thread(self.host.fetch, adapter_id)

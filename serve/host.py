@@ -2,20 +2,19 @@
 
 `ModelHost` is the model side of the service, used by the Ray Serve model deployment
 (`serve/app.py`) and by the in-process backend of the tests and the UI's local mode. It only talks
-to the family interface (`get_family(name).load / .generate / .lora_root`), so every family works
-the same way; `steps` is passed to a family's `generate` only when it takes `steps` (or
-`num_inference_steps`).
+to the family interface (`get_family(name).load / .attach_adapter / .detach_adapter / .generate`
+with a `GenerationRequest`), so every family works the same way.
 
 Threading: every touch of the model (attaching, detaching, switching and running adapters)
 happens on the host's single `executor` thread, so one replica never runs two adapters at once;
 downloads from the registry run in the caller's thread. Adapters are peft named adapters on one
-`PeftModel` over the family's LoRA root, so the base weights are in memory once.
+`PeftModel` over the family's LoRA root, so the base weights are in memory once. The model sits on
+the configured device (`device`, default cuda if available); only finished audio comes back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import shutil
 import tempfile
@@ -24,14 +23,13 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from musiclora.adapter_registry import AdapterNotFoundError, Registry, parse_ref
+from musiclora.models.base import GenerationRequest
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
-STEPS_PARAMS = ("steps", "num_inference_steps")
 
 
 class AdapterLoadError(RuntimeError):
@@ -39,28 +37,17 @@ class AdapterLoadError(RuntimeError):
 
 
 @dataclass
-class GenParams:
-    """One generation request as the model side sees it (plain data: it crosses Ray's wire).
+class GenParams(GenerationRequest):
+    """One generation request as the model side sees it: the `GenerationRequest` plus the response
+    format (plain data: it crosses Ray's wire).
 
     Attributes:
-        prompt: text prompt.
-        duration_s: seconds of audio to generate.
-        guidance_scale: classifier-free guidance scale.
-        seed: torch seed; the same seed, adapter and params give the same audio.
-        steps: diffusion steps; None for the family default, ignored by families without steps.
-        melody: optional float32 mono waveform [L] conditioning the output (MusicGen melody, AudioLDM
-            reference audio).
-        melody_sample_rate: its rate in Hz.
         audio_format: `wav` or `flac` (16-bit PCM either way).
+
+    Raises:
+        ValueError: as `GenerationRequest`.
     """
 
-    prompt: str
-    duration_s: float = 2.0
-    guidance_scale: float = 3.0
-    seed: int = 0
-    steps: int | None = None
-    melody: np.ndarray | None = None
-    melody_sample_rate: int | None = None
     audio_format: str = "wav"
 
 
@@ -87,12 +74,6 @@ class GenResult:
     steps: int | None
     compute_s: float
     group_size: int
-
-
-def steps_param(family: Any) -> str | None:
-    """The name under which `family.generate` takes diffusion steps, or None when it takes none."""
-    params = inspect.signature(family.generate).parameters
-    return next((p for p in STEPS_PARAMS if p in params), None)
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, audio_format: str = "wav") -> tuple[bytes, str]:
@@ -130,23 +111,28 @@ class ModelHost:
         registry_url: adapter registry root (default: `default_registry_url()`).
         revision: hub revision of the base.
         torch_threads: intra-op threads for torch (None: torch's default).
+        device: cpu, cuda or cuda:N (None: cuda if available, else cpu).
+        dtype: parameter dtype, float32, float16 or bfloat16.
+
+    Raises:
+        ValueError: unknown family, base, device or dtype.
     """
 
     def __init__(self, family: str, base: str, registry_url: str | None = None, revision: str | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, device: str | None = None, dtype: str = "float32"):
         import torch
 
-        from musiclora.models.families import get_family
+        from musiclora.adapters import load_for_inference
+        from musiclora.generate import parse_dtype, resolve_device
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.family = get_family(family)
+        self.device = resolve_device(device)
+        self.family, self.loaded = load_for_inference(None, base, family, parse_dtype(dtype), self.device, revision)
         self.base = base
-        self.loaded = self.family.load(base, revision=revision)
         self.registry = Registry(registry_url)
-        self.steps_param = steps_param(self.family)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.family.name}")
-        self._peft = None
+        self._model = self.loaded.model  # what generates: the base, or the base with adapters attached
         self._attached: dict[str, _Attached] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -180,24 +166,15 @@ class ModelHost:
                     return
                 self._counter += 1
                 internal = f"adapter{self._counter}"
-            self._load_into_peft(internal, local_dir, adapter_id)
+            self._attach_on_model_thread(internal, local_dir, adapter_id)
             with self._lock:
                 self._attached[adapter_id] = _Attached(internal)
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
-    def _load_into_peft(self, internal: str, local_dir: str, adapter_id: str) -> None:
-        from peft import PeftModel
-
+    def _attach_on_model_thread(self, internal: str, local_dir: str, adapter_id: str) -> None:
         try:
-            if self._peft is None:
-                root = self.family.lora_root(self.loaded.model)
-                self._peft = PeftModel.from_pretrained(root, local_dir, adapter_name=internal).eval()
-                if self.family.lora_root_attr:
-                    setattr(self.loaded.model, self.family.lora_root_attr, self._peft)
-            else:
-                self._peft.load_adapter(local_dir, adapter_name=internal)
-                self._peft.eval()
+            self._model = self.family.attach_adapter(self._model, local_dir, internal)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise AdapterLoadError(
                 f"adapter {adapter_id} cannot be loaded onto {self.family.name} base {self.base!r}: {exc}"
@@ -242,15 +219,8 @@ class ModelHost:
             if state is None or state.cached or state.refs:
                 return
             del self._attached[adapter_id]
-            last = not self._attached
-        if not last:
-            self._peft.delete_adapter(state.internal)
-            return
-        # the last one: take LoRA off the model again (peft cannot run with no adapter left)
-        root = self._peft.unload()
-        self._peft = None
-        if self.family.lora_root_attr:
-            setattr(self.loaded.model, self.family.lora_root_attr, root)
+        # the last one takes LoRA off the model again (peft cannot run with no adapter left)
+        self._model = self.family.detach_adapter(self._model, state.internal)
 
     # ------------------------------------------------------------------ generation
 
@@ -290,9 +260,10 @@ class ModelHost:
 
     @contextlib.contextmanager
     def _activate(self, adapter_id: str | None):
+        root = self.family.lora_root(self._model)
         if adapter_id is None:
-            if self._peft is not None and self._peft.peft_config:
-                with self._peft.disable_adapter():
+            if getattr(root, "peft_config", None):
+                with root.disable_adapter():
                     yield
             else:
                 yield
@@ -301,22 +272,13 @@ class ModelHost:
             state = self._attached.get(adapter_id)
         if state is None:
             raise AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
-        self._peft.set_adapter(state.internal)
+        root.set_adapter(state.internal)
         yield
 
-    def _model(self):
-        if self._peft is not None and not self.family.lora_root_attr:
-            return self._peft
-        return self.loaded.model
-
     def _generate_one(self, adapter_id: str | None, p: GenParams, group_size: int) -> GenResult:
-        kwargs: dict[str, Any] = {}
-        if self.steps_param and p.steps is not None:
-            kwargs[self.steps_param] = p.steps
         start = time.perf_counter()
-        audio, sr = self.family.generate(self._model(), self.loaded.tokenizer, p.prompt, p.duration_s,
-                                         p.guidance_scale, p.seed, p.melody, p.melody_sample_rate, **kwargs)
+        audio, sr = self.family.generate(self._model, self.loaded.tokenizer, p)
         compute_s = time.perf_counter() - start
         data, media_type = encode_audio(audio, sr, p.audio_format)
         return GenResult(data, media_type, int(sr), len(audio), adapter_id,
-                         p.steps if self.steps_param else None, compute_s, group_size)
+                         p.steps if self.family.takes_steps else None, compute_s, group_size)

@@ -55,9 +55,12 @@ class LocalBackend:
 
 
 def build_local_api(models: list[ServedModel], registry_url: str | None = None, limits: Limits | None = None,
-                    api_key: str | None = None, torch_threads: int | None = None, max_adapters: int = 4):
-    """A FastAPI app serving `models` from this process (each base loaded once here)."""
-    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads) for m in models}
+                    api_key: str | None = None, torch_threads: int | None = None, max_adapters: int = 4,
+                    device: str | None = None):
+    """A FastAPI app serving `models` from this process (each base loaded once here, on `device`:
+    cpu, cuda or cuda:N; None: cuda if available, else cpu)."""
+    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads, device=device)
+             for m in models}
     settings = ApiSettings(models=models, registry_url=registry_url, limits=limits or Limits(), api_key=api_key)
     return build_api(LocalBackend(hosts, max_adapters), settings)
 
@@ -75,10 +78,11 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=33080)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     a = p.parse_args()
     model = ServedModel(name=a.name or a.family, family=a.family, base=a.base, base_aliases=["*"])
     app = build_local_api([model], a.registry, api_key=os.environ.get("MUSICLORA_API_KEY") or None,
-                          torch_threads=a.threads)
+                          torch_threads=a.threads, device=a.device)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 
 

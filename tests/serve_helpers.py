@@ -44,18 +44,11 @@ def wav_bytes_to_array(data: bytes) -> tuple[np.ndarray, int]:
 def reference_audio(base: str, adapter_dir: str | None, prompt: str, duration_s: float, seed: int,
                     guidance_scale: float = 3.0, family: str = "musicgen-melody") -> np.ndarray:
     """What the server should return, computed here: the base (+ adapter) through the family, as PCM 16."""
-    from musiclora.adapters import load_adapter
+    from musiclora.adapters import load_for_inference
+    from musiclora.models.base import GenerationRequest
 
-    fam = get_family(family)
-    loaded = fam.load(base)
-    model = loaded.model
-    if adapter_dir is not None:
-        peft_root = load_adapter(fam.lora_root(model), adapter_dir)
-        if fam.lora_root_attr:
-            setattr(model, fam.lora_root_attr, peft_root)
-        else:
-            model = peft_root
-    audio, sr = fam.generate(model, loaded.tokenizer, prompt, duration_s, guidance_scale, seed)
+    fam, loaded = load_for_inference(adapter_dir, base, family)
+    audio, sr = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt, duration_s, guidance_scale, seed))
     buf = io.BytesIO()
     sf.write(buf, np.clip(audio, -1, 1), sr, subtype="PCM_16", format="WAV")
     return wav_bytes_to_array(buf.getvalue())[0]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from musiclora.config import AdapterConfig
-from musiclora.models.base import ModelFamily
+from musiclora.models.base import Loaded, ModelFamily
 from musiclora.storage import get_fs, join_url
 
 CARD = "card.json"
@@ -77,10 +77,9 @@ def apply_lora(model: nn.Module, family: ModelFamily, cfg: AdapterConfig) -> nn.
         return peft_root
     for p in model.parameters():
         p.requires_grad_(False)
-    setattr(model, family.lora_root_attr, peft_root)
     for name, p in peft_root.named_parameters():
         p.requires_grad_("lora_" in name)
-    return model
+    return family.with_lora_root(model, peft_root)
 
 
 def trainable_report(model: nn.Module) -> dict[str, Any]:
@@ -151,19 +150,71 @@ def download_dir(url: str, local_dir: str) -> str:
     return local_dir
 
 
-def load_adapter(base_model: nn.Module, url: str, adapter_name: str = "default"):
-    """Attach an adapter folder (local or URL) to `base_model` with peft; returns the PeftModel.
+def fetch_adapter(url: str) -> str:
+    """A local folder holding the adapter at `url`: the folder itself when local, else a fresh download.
 
     Raises:
-        FileNotFoundError: no `adapter_config.json` at `url`.
+        FileNotFoundError: nothing at `url`, or no `adapter_config.json` there.
     """
-    from peft import PeftModel
-
-    local = tempfile.mkdtemp(prefix="musiclora-adapter-")
-    download_dir(url, local)
+    local = url.removeprefix("file://")
+    if not Path(local).is_dir():
+        local = download_dir(url, tempfile.mkdtemp(prefix="musiclora-adapter-"))
     if not (Path(local) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{url} is not a peft adapter folder: adapter_config.json missing")
-    return PeftModel.from_pretrained(base_model, local, adapter_name=adapter_name).eval()
+    return local
+
+
+def load_adapter(model: nn.Module, url: str, family: ModelFamily, adapter_name: str = "default") -> nn.Module:
+    """Download an adapter folder (local path or fsspec URL) and attach it with `family.attach_adapter`.
+
+    Returns:
+        the model to generate with (see `ModelFamily.attach_adapter`).
+
+    Raises:
+        FileNotFoundError: no adapter folder at `url`.
+        ValueError: the folder does not fit the family's LoRA root (as `attach_adapter`).
+    """
+    return family.attach_adapter(model, fetch_adapter(url), adapter_name)
+
+
+def load_for_inference(
+    adapter: str | None = None,
+    base: str | None = None,
+    family: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> tuple[ModelFamily, Loaded]:
+    """Load a base model on `device`, with the adapter attached when one is given.
+
+    Args:
+        adapter: adapter folder (path or URL) or None for the base alone; its card.json supplies
+            `family` and `base` when they are not given.
+        base / family: the base model and its family (default family: musicgen-melody).
+        dtype: parameter dtype; device: where the model runs (`torch.device` spelling).
+
+    Returns:
+        (the family, `Loaded` whose `model` is the one to generate with, adapter attached).
+
+    Raises:
+        ValueError: no base given and no card naming one; unknown family; an adapter that does not
+            fit the family's LoRA root.
+        FileNotFoundError: no adapter folder at `adapter`.
+    """
+    from musiclora.models.families import get_family
+
+    card = read_card(adapter) if adapter else {}
+    name = family or card.get("family") or "musicgen-melody"
+    base = base or card.get("base_model")
+    if not base:
+        where = f" at {adapter}" if adapter else ""
+        raise ValueError(f"no base model given and the adapter card{where} names none (pass the base model)")
+    fam = get_family(name)
+    loaded = fam.load(base, dtype=dtype, revision=revision)
+    model = loaded.model.to(device)
+    if adapter:
+        model = load_adapter(model, adapter, fam)
+    return fam, Loaded(model=model, tokenizer=loaded.tokenizer, base=base, family=name)
 
 
 def read_card(url: str) -> dict[str, Any]:

@@ -7,11 +7,44 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import torch
 
-from musiclora.adapters import load_adapter, read_card
+from musiclora.adapters import load_for_inference
 from musiclora.audio import load_audio, to_mono
-from musiclora.models.families import get_family
+from musiclora.models.base import GenerationRequest
 from musiclora.plots import plot_spectrogram
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """The device to generate on: `device` when given (cpu, cuda, cuda:N), else cuda if available, else cpu.
+
+    Raises:
+        ValueError: not a torch device name, or a CUDA device this machine does not have.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N ({exc})") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype for `float32`, `float16` or `bfloat16`.
+
+    Raises:
+        ValueError: any other name (lists the known ones).
+    """
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def generate(
@@ -26,6 +59,8 @@ def generate(
     melody: str | None = None,
     steps: int | None = None,
     reference: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Generate `duration_s` seconds for `prompt`, write `out_wav` (PCM 16) and `<out_wav>.png`.
 
@@ -37,44 +72,33 @@ def generate(
         reference: optional audio file whose CLAP audio embedding conditions instead of the prompt
             (AudioLDM's audio-to-music); the family receives it as its conditioning audio, like
             `melody`, so give one of the two.
+        device: cpu, cuda or cuda:N (default: cuda if available, else cpu).
+        dtype: parameter dtype, float32, float16 or bfloat16.
 
     Returns:
-        {"wav", "reference", "png", "sample_rate", "duration_s", "rms", "adapter", "base", "family"}.
+        {"wav", "reference", "png", "sample_rate", "duration_s", "rms", "adapter", "base", "family", "device"}.
 
     Raises:
         ValueError: neither `base` nor an adapter card naming one; unknown family; both `melody` and
-            `reference`; a silent or too short reference clip (AudioLDM).
+            `reference`; a bad request (see `GenerationRequest`); a silent or too short reference
+            clip (AudioLDM); an unknown device or dtype.
         AudioDecodeError: `melody` / `reference` is not decodable audio.
     """
-    card = read_card(adapter) if adapter else {}
-    family = family or card.get("family") or "musicgen-melody"
-    base = base or card.get("base_model")
-    if not base:
-        raise ValueError("generate: no base model given and the adapter card names none (pass --base)")
     if melody and reference:
         raise ValueError("generate: give either melody or reference audio, not both")
-    fam = get_family(family)
-    loaded = fam.load(base)
-    model = _with_adapter(fam, loaded.model, adapter) if adapter else loaded.model
+    dev = resolve_device(device)
     mel, mel_sr = None, None
     if melody or reference:
         wav, mel_sr = load_audio(melody or reference)
         mel = to_mono(wav)
-    audio, sr = fam.generate(model, loaded.tokenizer, prompt, duration_s, guidance_scale, seed, mel, mel_sr,
-                             steps=steps)
+    request = GenerationRequest(prompt, duration_s, guidance_scale, seed, steps, mel, mel_sr)
+    fam, loaded = load_for_inference(adapter, base, family, parse_dtype(dtype), dev)
+    audio, sr = fam.generate(loaded.model, loaded.tokenizer, request)
     Path(out_wav).parent.mkdir(parents=True, exist_ok=True)
     sf.write(out_wav, np.clip(audio, -1, 1), sr, subtype="PCM_16")
     png = str(Path(out_wav).with_suffix(".png"))
     what = f"reference {Path(reference).name}" if reference else repr(prompt)
     plot_spectrogram(audio, sr, png, title=f"{what} ({'adapter ' + adapter if adapter else 'base'})")
     return {"wav": out_wav, "reference": reference, "png": png, "sample_rate": sr, "duration_s": len(audio) / sr,
-            "rms": float(np.sqrt(np.mean(audio**2))), "adapter": adapter, "base": base, "family": family}
-
-
-def _with_adapter(fam, model, adapter: str):
-    """Attach the adapter to the family's LoRA root (the whole model, or e.g. AudioLDM's UNet)."""
-    peft_root = load_adapter(fam.lora_root(model), adapter)
-    if fam.lora_root_attr is None:
-        return peft_root
-    setattr(model, fam.lora_root_attr, peft_root)
-    return model
+            "rms": float(np.sqrt(np.mean(audio**2))), "adapter": adapter, "base": loaded.base,
+            "family": loaded.family, "device": str(dev)}

@@ -59,7 +59,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     save_adapter(model, url, card={"family": FAM.name})
     fresh = FAM.load("tiny")
     assert not torch.allclose(trained, _logits(fresh.model, fresh.tokenizer))
-    reloaded = load_adapter(fresh.model, url)
+    reloaded = load_adapter(fresh.model, url, FAM)
     assert torch.allclose(trained, _logits(reloaded, fresh.tokenizer), atol=1e-6)
 
 

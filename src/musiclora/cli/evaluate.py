@@ -51,26 +51,18 @@ def evaluate(
 ) -> None:
     """Generate with the base and the adapter on the same prompts and seeds; score; write the report."""
     from musiclora.audio import AudioDecodeError
+    from musiclora.eval.evaluate import EvalSettings
     from musiclora.eval.evaluate import evaluate as run_evaluate
     from musiclora.storage import StorageError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    settings = EvalSettings(
+        base=base, family=family, clap=clap, embedders=tuple(_embedder_list(embedders)), duration_s=duration_s,
+        guidance_scale=guidance_scale, max_reference_clips=max_reference_clips, reference_split=reference_split,
+        music=music,
+    )
     try:
-        result = run_evaluate(
-            adapter,
-            prompts,
-            reference,
-            out,
-            base=base,
-            family=family,
-            clap=clap,
-            embedders=_embedder_list(embedders),
-            duration_s=duration_s,
-            guidance_scale=guidance_scale,
-            max_reference_clips=max_reference_clips,
-            reference_split=reference_split,
-            music=music,
-        )
+        result = run_evaluate(adapter, prompts, reference, out, settings)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError, StorageError) as exc:
         fail(exc)
     from musiclora.eval.report import clean_json

@@ -26,6 +26,8 @@ def generate(
     endpoint: str = typer.Option(None, help="generate through a running musiclora service (http://host:port) "
                                             "instead of loading the model here; key from $MUSICLORA_API_KEY"),
     model: str = typer.Option(None, help="with --endpoint: the served base model's name"),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"),
+    dtype: str = typer.Option("float32", help="parameter dtype: float32, float16 or bfloat16"),
 ) -> None:
     """Generate audio with a base model and an optional LoRA adapter."""
     if endpoint:
@@ -37,7 +39,7 @@ def generate(
     try:
         info = run_generate(prompt, str(out), family, base, adapter, duration_s, guidance_scale, seed,
                             str(melody) if melody else None, steps=steps,
-                            reference=str(reference) if reference else None)
+                            reference=str(reference) if reference else None, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError, AudioDecodeError) as exc:
         fail(exc)
     print(json.dumps(info))

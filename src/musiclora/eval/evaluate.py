@@ -2,10 +2,13 @@
 
 Three entry points, from the most to the least packaged:
 
-- `evaluate(adapter, prompts, reference, out_dir)`: what `musiclora evaluate` runs. Base and
+Every entry point takes one `EvalSettings` (CLAP model, embedders, clip length, guidance, reference
+cap and split, music metrics, base/family overrides) instead of repeating its fields.
+
+- `evaluate(adapter, prompts, reference, out_dir, settings)`: what `musiclora evaluate` runs. Base and
   adapter clips, every metric of `musiclora.eval.scoring`, and the report (report.md,
   report.html, metrics.json, WAVs, spectrogram PNGs) in `out_dir`.
-- `evaluate_adapter(adapter, prompts, reference) -> dict[str, float]`: the Tune objective. The
+- `evaluate_adapter(adapter, prompts, reference, settings) -> dict[str, float]`: the Tune objective. The
   adapter's flat metrics (`clap_score`, `kad`, `fad`, `kad_<embedder>`, `mel_mse`, ...), to hand
   to `ray.train.report` / `tune.report`; with `include_base=True` also `base_<name>` and
   `delta_<name>` (adapter minus base). Tune settings: `tune.metric: kad, mode: min` or
@@ -16,7 +19,7 @@ Three entry points, from the most to the least packaged:
       def trainable(config):
           adapter_url = train_one(config)              # however the run publishes its adapter
           ray.train.report(evaluate_adapter(adapter_url, "prompts.jsonl", "s3://bucket/shards/val-set",
-                                            embedders=("clap", "encodec")))
+                                            EvalSettings(embedders=("clap", "encodec"))))
 
 - `Evaluator`: the reusable core for periodic evaluation inside a training loop. Build it once
   before the loop (it loads the reference clips, embeds them, embeds the prompts), then call it
@@ -24,7 +27,7 @@ Three entry points, from the most to the least packaged:
   torch RNG so the training's random stream is untouched::
 
       evaluator = build_evaluator(family, loaded, load_prompts("prompts.jsonl", duration_s=4.0),
-                                  "s3://bucket/shards/val-set", embedders=("clap",), music=False)
+                                  "s3://bucket/shards/val-set", EvalSettings(embedders=("clap",), music=False))
       ...
       if rank == 0 and step % eval_every == 0:      # ZeRO-2 / DDP: every rank holds full weights
           metrics.update({f"eval/{k}": v for k, v in evaluator(engine.module, loaded.tokenizer).items()})
@@ -46,15 +49,50 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from musiclora.audio import resample
 from musiclora.eval import scoring
 from musiclora.eval.inputs import PromptSpec, ReferenceSet, check_prompts, load_prompts, load_reference
-from musiclora.models.base import Loaded, ModelFamily
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily
 
 DEFAULT_EMBEDDERS = ("clap", "encodec", "crepe-tiny")
 """KAD/FAD embedders by default: CLAP audio, the base model's EnCodec latents, pretrained CREPE-tiny."""
+
+
+class EvalSettings(BaseModel):
+    """How an evaluation runs: one object passed through `evaluate`, `evaluate_adapter` and
+    `build_evaluator` (and built by `musiclora evaluate` from its options).
+
+    Attributes:
+        base / family: override the adapter card's base model and family (None: the card's).
+        clap: "tiny" or a CLAP hub id / folder (e.g. "laion/larger_clap_music").
+        embedders: KAD/FAD embedder specs (see `build_embedders`); the first gives `kad` / `fad`.
+        duration_s: seconds per generated clip (also the reference clip length).
+        guidance_scale: classifier-free guidance for generation.
+        max_reference_clips: cap on reference clips.
+        reference_split: shards split (None: "val" if present, else "train").
+        music: compute harmonic accuracy, melodic complexity, rhythmic inconsistency (the slowest part).
+
+    Raises:
+        pydantic.ValidationError: a field out of range or unknown (names it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str | None = None
+    family: str | None = None
+    clap: str = "tiny"
+    embedders: tuple[str, ...] = Field(DEFAULT_EMBEDDERS, min_length=1)
+    duration_s: float = Field(4.0, gt=0)
+    guidance_scale: float = Field(3.0, ge=0)
+    max_reference_clips: int = Field(32, ge=2)
+    reference_split: str | None = None
+    music: bool = True
+
+
+DEFAULT_SETTINGS = EvalSettings()
 
 
 def load_clap_bundle(clap: str = "tiny"):
@@ -197,16 +235,9 @@ class Evaluator:
         clips = []
         with _eval_mode(model):
             for p in self.prompts:
-                audio, sr = self.family.generate(
-                    model,
-                    tokenizer,
-                    p.text,
-                    self.duration_s,
-                    self.guidance_scale,
-                    p.seed,
-                    p.melody,
-                    p.melody_sample_rate,
-                )
+                request = GenerationRequest(p.text, self.duration_s, self.guidance_scale, p.seed,
+                                            melody=p.melody, melody_sample_rate=p.melody_sample_rate)
+                audio, sr = self.family.generate(model, tokenizer, request)
                 audio = resample(audio, sr, self.sample_rate) if sr != self.sample_rate else audio
                 clips.append(np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32))
         return clips
@@ -283,13 +314,7 @@ def build_evaluator(
     loaded: Loaded,
     prompts: list[PromptSpec],
     reference: str | ReferenceSet,
-    clap: str = "tiny",
-    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
-    duration_s: float = 4.0,
-    guidance_scale: float = 3.0,
-    max_reference_clips: int = 32,
-    reference_split: str | None = None,
-    music: bool = True,
+    settings: EvalSettings = DEFAULT_SETTINGS,
 ) -> Evaluator:
     """Build an `Evaluator` from names: CLAP model id, embedder specs, reference URL or set.
 
@@ -297,13 +322,7 @@ def build_evaluator(
         family / loaded: the family and its loaded base model (its codec serves "encodec").
         prompts: the prompts (see `load_prompts`).
         reference: shards URL, audio folder or file, or an already loaded `ReferenceSet`.
-        clap: "tiny" or a CLAP hub id / folder (e.g. "laion/larger_clap_music").
-        embedders: embedder specs (see `build_embedders`).
-        duration_s: seconds per generated clip (also the reference clip length).
-        guidance_scale: classifier-free guidance for generation.
-        max_reference_clips: cap on reference clips.
-        reference_split: shards split (default "val" if present, else "train").
-        music: compute harmonic accuracy, melodic complexity, rhythmic inconsistency.
+        settings: CLAP model, embedders, clip length, guidance, reference cap and split, music metrics.
 
     Raises:
         ValueError / FileNotFoundError: as `load_reference`, `build_embedders`, `check_prompts`.
@@ -313,21 +332,21 @@ def build_evaluator(
         reference = load_reference(
             reference,
             family.sample_rate,
-            duration_s,
-            max_reference_clips,
-            reference_split,
+            settings.duration_s,
+            settings.max_reference_clips,
+            settings.reference_split,
             decode_codes=codes_decoder(codec) if codec is not None else None,
         )
-    bundle = load_clap_bundle(clap)
+    bundle = load_clap_bundle(settings.clap)
     return Evaluator(
         family=family,
         prompts=prompts,
         reference=reference,
         clap=bundle,
-        embedders=build_embedders(embedders, bundle, codec, clap_name=f"clap-{clap}"),
-        duration_s=duration_s,
-        guidance_scale=guidance_scale,
-        music=music,
+        embedders=build_embedders(settings.embedders, bundle, codec, clap_name=f"clap-{settings.clap}"),
+        duration_s=settings.duration_s,
+        guidance_scale=settings.guidance_scale,
+        music=settings.music,
     )
 
 
@@ -359,17 +378,19 @@ def compare(
     """Generate and score with the adapter disabled (base) and enabled, same prompts and seeds.
 
     Args:
-        peft_model: a peft `PeftModel` (its `disable_adapter()` gives the base model).
+        peft_model: the model with an adapter attached (`ModelFamily.attach_adapter` or `apply_lora`):
+            its family's LoRA root is a peft `PeftModel`, whose `disable_adapter()` gives the base.
 
     Raises:
-        TypeError: `peft_model` has no `disable_adapter` (not a peft model).
+        TypeError: the LoRA root has no `disable_adapter` (no adapter attached).
     """
-    if not hasattr(peft_model, "disable_adapter"):
-        raise TypeError(f"compare needs a peft PeftModel, got {type(peft_model).__name__}")
+    root = evaluator.family.lora_root(peft_model)
+    if not hasattr(root, "disable_adapter"):
+        raise TypeError(f"compare needs an adapter attached (a peft PeftModel), got {type(root).__name__}")
     timings: dict[str, float] = {}
     clips: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
-    with peft_model.disable_adapter():
+    with root.disable_adapter():
         clips["base"] = evaluator.generate(peft_model, tokenizer)
     clips["adapter"] = evaluator.generate(peft_model, tokenizer)
     timings["generate_s"] = time.perf_counter() - t0
@@ -379,25 +400,12 @@ def compare(
     return Comparison(evaluator, clips, scores, info={**(info or {}), "timings": timings})
 
 
-def _load_with_adapter(adapter: str, base: str | None, family: str | None):
-    from musiclora.adapters import load_adapter, read_card
-    from musiclora.models.families import get_family
+def _load_with_adapter(adapter: str, settings: EvalSettings):
+    """(family, `Loaded` with the adapter attached to the family's LoRA root, facts for the report)."""
+    from musiclora.adapters import load_for_inference
 
-    card = read_card(adapter)
-    family = family or card.get("family") or "musicgen-melody"
-    base = base or card.get("base_model")
-    if not base:
-        raise ValueError(
-            f"evaluate: no base model given and the adapter card at {adapter} names none (pass base)"
-        )
-    fam = get_family(family)
-    loaded = fam.load(base)
-    return (
-        fam,
-        loaded,
-        load_adapter(loaded.model, adapter),
-        {"adapter": adapter, "base": base, "family": family},
-    )
+    fam, loaded = load_for_inference(adapter, settings.base, settings.family)
+    return fam, loaded, {"adapter": adapter, "base": loaded.base, "family": loaded.family}
 
 
 def _prompts(prompts: str | os.PathLike | list[PromptSpec], duration_s: float) -> list[PromptSpec]:
@@ -413,16 +421,7 @@ def evaluate(
     prompts: str | os.PathLike | list[PromptSpec],
     reference: str | ReferenceSet,
     out_dir: str | os.PathLike | None = None,
-    *,
-    base: str | None = None,
-    family: str | None = None,
-    clap: str = "tiny",
-    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
-    duration_s: float = 4.0,
-    guidance_scale: float = 3.0,
-    max_reference_clips: int = 32,
-    reference_split: str | None = None,
-    music: bool = True,
+    settings: EvalSettings = DEFAULT_SETTINGS,
 ) -> Comparison:
     """Base vs adapter on the prompts, scored against the reference; the report goes to `out_dir`.
 
@@ -431,9 +430,7 @@ def evaluate(
         prompts: prompts JSONL path/URL or a list of `PromptSpec`.
         reference: shards URL, audio folder or file, or a `ReferenceSet`.
         out_dir: where report.md, report.html, metrics.json, audio/ and spectrograms/ go (None: no report).
-        base / family: override the card's base model and family.
-        clap, embedders, duration_s, guidance_scale, max_reference_clips, reference_split, music:
-            as `build_evaluator`.
+        settings: see `EvalSettings`.
 
     Returns:
         The `Comparison` (clips, per-clip and flat scores for base and adapter).
@@ -442,23 +439,11 @@ def evaluate(
         ValueError / FileNotFoundError: bad adapter, prompts, reference or embedder, each named.
     """
     t0 = time.perf_counter()
-    fam, loaded, peft_model, info = _load_with_adapter(adapter, base, family)
-    specs = _prompts(prompts, duration_s)
-    evaluator = build_evaluator(
-        fam,
-        loaded,
-        specs,
-        reference,
-        clap,
-        embedders,
-        duration_s,
-        guidance_scale,
-        max_reference_clips,
-        reference_split,
-        music,
-    )
-    info.update(clap=clap, embedders=list(embedders), duration_s=duration_s, guidance_scale=guidance_scale)
-    result = compare(evaluator, peft_model, loaded.tokenizer, info)
+    fam, loaded, info = _load_with_adapter(adapter, settings)
+    evaluator = build_evaluator(fam, loaded, _prompts(prompts, settings.duration_s), reference, settings)
+    info.update(clap=settings.clap, embedders=list(settings.embedders), duration_s=settings.duration_s,
+                guidance_scale=settings.guidance_scale)
+    result = compare(evaluator, loaded.model, loaded.tokenizer, info)
     result.info["timings"]["total_s"] = time.perf_counter() - t0
     if out_dir is not None:
         from musiclora.eval.report import write_report
@@ -471,22 +456,13 @@ def evaluate_adapter(
     adapter: str,
     prompts: str | os.PathLike | list[PromptSpec],
     reference: str | ReferenceSet,
-    *,
-    base: str | None = None,
-    family: str | None = None,
-    clap: str = "tiny",
-    embedders: Sequence[str] = DEFAULT_EMBEDDERS,
-    duration_s: float = 4.0,
-    guidance_scale: float = 3.0,
-    max_reference_clips: int = 32,
-    music: bool = True,
+    settings: EvalSettings = DEFAULT_SETTINGS,
     include_base: bool = False,
 ) -> dict[str, float]:
     """The Tune objective: the adapter's flat metrics (`clap_score`, `kad`, `fad`, `kad_clap`, `mel_mse`, ...).
 
     Args:
-        adapter, prompts, reference, base, family, clap, embedders, duration_s, guidance_scale,
-            max_reference_clips, music: as `evaluate`.
+        adapter, prompts, reference, settings: as `evaluate` (`settings.reference_split` is used too).
         include_base: also generate with the base; adds `base_<name>` and `delta_<name>`
             (adapter minus base) for every metric. Doubles generation time.
 
@@ -496,23 +472,11 @@ def evaluate_adapter(
     Raises:
         As `evaluate`.
     """
-    fam, loaded, peft_model, _ = _load_with_adapter(adapter, base, family)
-    evaluator = build_evaluator(
-        fam,
-        loaded,
-        _prompts(prompts, duration_s),
-        reference,
-        clap,
-        embedders,
-        duration_s,
-        guidance_scale,
-        max_reference_clips,
-        None,
-        music,
-    )
+    fam, loaded, _ = _load_with_adapter(adapter, settings)
+    evaluator = build_evaluator(fam, loaded, _prompts(prompts, settings.duration_s), reference, settings)
     if not include_base:
-        return evaluator(peft_model, loaded.tokenizer)
-    result = compare(evaluator, peft_model, loaded.tokenizer)
+        return evaluator(loaded.model, loaded.tokenizer)
+    result = compare(evaluator, loaded.model, loaded.tokenizer)
     out = dict(result.scores["adapter"].metrics)
     out.update({f"base_{k}": v for k, v in result.scores["base"].metrics.items()})
     out.update({f"delta_{k}": v for k, v in result.delta().items()})

@@ -257,8 +257,9 @@ def mel_mse(a: np.ndarray, b: np.ndarray, sr: int, n_mels: int = 128, hop_length
     return float(np.mean((ma - mb) ** 2))
 
 
-def _frame_features(y: np.ndarray, sr: int, n_mfcc: int) -> np.ndarray:
-    """Frame-wise features, float64 [n_mfcc + 5, T]: MFCC, centroid, bandwidth, rolloff (Hz), ZCR, RMS."""
+def frame_features(y: np.ndarray, sr: int, n_mfcc: int = 20) -> np.ndarray:
+    """The AFD feature set per frame, float64 [n_mfcc + 5, T]: MFCC, centroid, bandwidth, rolloff (Hz),
+    ZCR, RMS (librosa defaults, hop 512), for a float mono clip [L] at `sr` Hz (not checked here)."""
     hop = 512
     rows = [
         librosa.feature.mfcc(y=y, sr=sr, n_mfcc=n_mfcc, hop_length=hop),
@@ -298,8 +299,19 @@ def audio_feature_distance(a: np.ndarray, b: np.ndarray, sr: int, n_mfcc: int = 
             positive, or a standardised feature vector is all zeros.
     """
     rate = _sample_rate(sr)
-    fa = _frame_features(_waveform("a", a), rate, n_mfcc)
-    fb = _frame_features(_waveform("b", b), rate, n_mfcc)
+    return feature_distance(frame_features(_waveform("a", a), rate, n_mfcc),
+                            frame_features(_waveform("b", b), rate, n_mfcc))
+
+
+def feature_distance(fa: np.ndarray, fb: np.ndarray) -> float:
+    """`audio_feature_distance` on precomputed `frame_features` [F, T_a], [F, T_b] (lets a caller cache one side).
+
+    Returns:
+        1 - cos(v_a, v_b) in [0, 2] of the standardised time means (see `audio_feature_distance`).
+
+    Raises:
+        ValueError: a standardised feature vector is all zeros.
+    """
     std = np.concatenate([fa, fb], axis=1).std(axis=1)
     std[std == 0] = 1.0
     va, vb = fa.mean(axis=1) / std, fb.mean(axis=1) / std

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from musiclora.audio import resample
-from musiclora.eval.metrics import (  # _frame_features: the AFD feature set, reused to cache the reference side
-    _frame_features,
+from musiclora.eval.metrics import (
     audio_feature_distance,
     chroma_cosine,
     clap_score,
     fad,
+    feature_distance,
+    frame_features,
     kad,
     log_mel,
     mel_mse,
@@ -130,13 +131,13 @@ class ReferenceDistances:
         self.references = [np.asarray(r, np.float32) for r in references]
         self.sample_rate = sample_rate
         self._mel = [log_mel(r, sample_rate).astype(np.float64) for r in self.references]
-        self._feat = [_frame_features(r, sample_rate, self.N_MFCC) for r in self.references]
+        self._feat = [frame_features(r, sample_rate, self.N_MFCC) for r in self.references]
 
     def __call__(self, wav: np.ndarray) -> dict[str, float]:
         """{"mel_mse": mean dB², "audio_feature_distance": mean cosine distance in [0, 2]} for one clip [L]."""
         wav = np.asarray(wav, np.float32)
         mel = log_mel(wav, self.sample_rate).astype(np.float64)
-        feat = _frame_features(wav, self.sample_rate, self.N_MFCC)
+        feat = frame_features(wav, self.sample_rate, self.N_MFCC)
         mse, afd = [], []
         for ref, ref_mel, ref_feat in zip(self.references, self._mel, self._feat):
             if ref.size != wav.size:
@@ -144,19 +145,8 @@ class ReferenceDistances:
                 afd.append(audio_feature_distance(ref, wav, self.sample_rate, n_mfcc=self.N_MFCC))
                 continue
             mse.append(float(np.mean((ref_mel - mel) ** 2)))
-            afd.append(_feature_distance(ref_feat, feat))
+            afd.append(feature_distance(ref_feat, feat))
         return {"mel_mse": float(np.mean(mse)), "audio_feature_distance": float(np.mean(afd))}
-
-
-def _feature_distance(fa: np.ndarray, fb: np.ndarray) -> float:
-    """The body of `metrics.audio_feature_distance` on precomputed frame features [F, T_a], [F, T_b]."""
-    std = np.concatenate([fa, fb], axis=1).std(axis=1)
-    std[std == 0] = 1.0
-    va, vb = fa.mean(axis=1) / std, fb.mean(axis=1) / std
-    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
-    if na == 0 or nb == 0:
-        raise ValueError("audio_feature_distance: a feature vector is all zeros (silent clip?)")
-    return float(1.0 - (va @ vb) / (na * nb))
 
 
 def distribution_scores(

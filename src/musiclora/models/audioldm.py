@@ -40,7 +40,7 @@ from musiclora.models.audioldm_components import (
     waveform_to_log_mel,
 )
 from musiclora.models.audioldm_tiny import build_tiny_audioldm
-from musiclora.models.base import Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_STEPS = 10
@@ -77,6 +77,7 @@ class AudioLDMFamily(ModelFamily):
     default_segment_s = 10.24
     """AudioLDM's training clip length (1024 mel frames)."""
     sample_rate = SAMPLE_RATE
+    takes_steps = True
     lora_root_attr = "unet"
     lora_presets: ClassVar[dict[str, list[str]]] = {
         "attn": list(ATTN),
@@ -274,69 +275,57 @@ class AudioLDMFamily(ModelFamily):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(
-        self, model, tokenizer, prompt: str, duration_s: float, guidance_scale: float = 3.0, seed: int = 0,
-        melody: np.ndarray | None = None, melody_sample_rate: int | None = None, steps: int | None = None,
-    ) -> tuple[np.ndarray, int]:
+    def generate(self, model, tokenizer, request: GenerationRequest) -> tuple[np.ndarray, int]:
         """Sample audio from text or from a reference clip, with classifier-free guidance.
 
-        DDIM (eta 0) over `steps` steps from seeded Gaussian latents; guidance
-        eps = eps_u + w (eps_c - eps_u) against the empty prompt's embedding (Ho & Salimans 2022,
-        as diffusers' AudioLDMPipeline); then VAE decoder -> log-mel -> HiFi-GAN vocoder.
-
-        Args:
-            prompt: text prompt (its CLAP text embedding conditions); ignored when `melody` is given.
-            duration_s: seconds of audio to return (> 0); the latents cover it rounded up.
-            guidance_scale: w; values <= 1 switch guidance off.
-            seed: seed of the initial latents and the sampler.
-            melody: optional reference clip, float mono [L]: its CLAP audio embedding conditions
-                instead of the prompt (audio-to-music, e.g. a vocal take).
-            melody_sample_rate: the clip's rate in Hz.
-            steps: denoising steps (default `DEFAULT_STEPS`).
+        DDIM (eta 0) over `request.steps` steps (default `DEFAULT_STEPS`) from Gaussian latents
+        drawn by a CPU generator seeded with `request.seed`, then moved to the UNet's device (so a
+        seed gives the same audio on a given device); guidance eps = eps_u + w (eps_c - eps_u)
+        against the empty prompt's embedding (Ho & Salimans 2022, as diffusers' AudioLDMPipeline),
+        off for w <= 1; then VAE decoder -> log-mel -> HiFi-GAN vocoder. `request.melody`, when
+        given, is a reference clip whose CLAP audio embedding conditions instead of the prompt
+        (audio-to-music, e.g. a vocal take). Everything runs on the model's device; only the
+        finished waveform comes back to the CPU.
 
         Returns:
-            (float32 waveform [round(duration_s * 16000)], 16000).
+            (float32 waveform [round(duration_s * 16000)] on the CPU, 16000).
 
         Raises:
-            ValueError: duration_s <= 0, steps < 1, or a reference clip that is silent, too short
-                (< 0.1 s) or has no sample rate.
+            ValueError: a reference clip that is silent or too short (< 0.1 s).
         """
-        if duration_s <= 0:
-            raise ValueError(f"duration_s must be > 0 seconds, got {duration_s}")
-        steps = DEFAULT_STEPS if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1 denoising steps, got {steps}")
+        steps = DEFAULT_STEPS if request.steps is None else request.steps
         inner = _container(model)
         param = next(p for p in inner.unet.parameters())
-        if melody is not None:
-            cond = self.reference_embedding(inner, melody, melody_sample_rate)
+        if request.melody is not None:
+            cond = self.reference_embedding(inner, request.melody, request.melody_sample_rate)
         else:
-            cond = clap_text_embeddings(inner.text_encoder, tokenizer, [prompt])
-        uncond = inner.extras["uncond"].float()[None]
+            cond = clap_text_embeddings(inner.text_encoder, tokenizer, [request.prompt])
+        uncond = inner.extras["uncond"].float()[None].to(cond.device)
         factor = inner.vae_scale_factor
-        frames = mel_frames_for(duration_s, factor)
+        frames = mel_frames_for(request.duration_s, factor)
         sched = copy.deepcopy(inner.scheduler)
         sched.set_timesteps(steps)
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(request.seed)
         shape = (1, int(_unet_config(inner).in_channels), frames // factor, N_MELS // factor)
-        latents = torch.randn(shape, generator=gen) * sched.init_noise_sigma
-        guided = guidance_scale > 1.0
+        latents = (torch.randn(shape, generator=gen) * sched.init_noise_sigma).to(param.device)
+        w = request.guidance_scale
+        guided = w > 1.0
         labels = (torch.cat([uncond, cond]) if guided else cond).to(param.device, param.dtype)
         for t in sched.timesteps:
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
             step_t = torch.full((x.shape[0],), int(t), dtype=torch.long, device=param.device)
-            pred = inner(x.to(param.device, param.dtype), step_t, labels).float().cpu()
+            pred = inner(x.to(param.dtype), step_t, labels).float()
             if guided:
                 pred_u, pred_c = pred.chunk(2)
-                pred = pred_u + guidance_scale * (pred_c - pred_u)
-            latents = sched.step(pred, t, latents, eta=0.0, generator=gen).prev_sample
+                pred = pred_u + w * (pred_c - pred_u)
+            latents = sched.step(pred, t, latents, eta=0.0).prev_sample  # eta 0: no noise drawn
         vae_param = next(inner.vae.parameters())
         z = (latents / float(inner.vae.config.scaling_factor)).to(vae_param.device, vae_param.dtype)
         mel = inner.vae.decode(z).sample  # [1, 1, T, 64]
         voc_param = next(inner.vocoder.parameters())
-        wav = inner.vocoder(mel[:, 0].to(voc_param.dtype))  # [1, T * 160]
-        return wav[0, : round(duration_s * SAMPLE_RATE)].float().cpu().numpy(), SAMPLE_RATE
+        wav = inner.vocoder(mel[:, 0].to(voc_param.device, voc_param.dtype))  # [1, T * 160]
+        return wav[0, : round(request.duration_s * SAMPLE_RATE)].float().cpu().numpy(), SAMPLE_RATE
 
     def reference_embedding(self, model: nn.Module, audio: np.ndarray, sample_rate: int | None) -> torch.Tensor:
         """CLAP audio embedding of a reference clip, float32 [1, D].

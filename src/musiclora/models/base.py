@@ -8,8 +8,10 @@ and `prepare` only ever talk to this interface: no `if family == ...` outside `m
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,67 @@ class Segment:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class GenerationRequest:
+    """One generation request, the same for every family and every entry point.
+
+    Attributes:
+        prompt: text prompt (AudioLDM ignores it when `melody` is given).
+        duration_s: seconds of audio to return, > 0.
+        guidance_scale: classifier-free guidance scale w, >= 0 (AudioLDM: <= 1 switches guidance off).
+        seed: torch seed, >= 0; the same seed, model, device and request give the same audio.
+        steps: denoising steps of diffusion families (None: the family default); others ignore it.
+        melody: optional conditioning audio, float32 mono [L] (converted here): MusicGen-Melody takes
+            its chroma, AudioLDM its CLAP audio embedding (a reference clip).
+        melody_sample_rate: its rate in Hz; required with `melody`.
+
+    Raises:
+        TypeError: a prompt that is not a string.
+        ValueError: on construction, naming the field and what was expected: an empty or non-finite
+            duration, a negative guidance scale or seed, steps < 1, a melody that is not a non-empty,
+            finite 1-D array, or a melody without a positive sample rate.
+    """
+
+    prompt: str = ""
+    duration_s: float = 2.0
+    guidance_scale: float = 3.0
+    seed: int = 0
+    steps: int | None = None
+    melody: np.ndarray | None = None
+    melody_sample_rate: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s must be > 0 seconds, got {self.duration_s}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
+        self.seed = int(self.seed)
+        if self.steps is not None:
+            if int(self.steps) != self.steps or self.steps < 1:
+                raise ValueError(f"steps must be >= 1 denoising steps (or None for the default), got {self.steps}")
+            self.steps = int(self.steps)
+        if self.melody is None:
+            return
+        melody = np.asarray(self.melody, dtype=np.float32)
+        if melody.ndim != 1 or melody.size == 0:
+            raise ValueError(f"melody (conditioning audio) must be mono float [L] with L > 0, got shape {melody.shape}")
+        if not np.isfinite(melody).all():
+            raise ValueError("melody (conditioning audio) holds NaN or infinite samples")
+        if not self.melody_sample_rate or self.melody_sample_rate <= 0:
+            raise ValueError(f"melody (conditioning audio): its sample rate (melody_sample_rate, Hz) is required, "
+                             f"got {self.melody_sample_rate!r}")
+        self.melody, self.melody_sample_rate = melody, int(self.melody_sample_rate)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
 class ModelFamily(ABC):
     """One family of text-to-music model (MusicGen-Melody, AudioLDM, ...).
 
@@ -76,6 +139,85 @@ class ModelFamily(ABC):
         Pass the model itself, not a DeepSpeed engine (use `engine.module`)."""
         return getattr(model, self.lora_root_attr) if self.lora_root_attr else model
 
+    def with_lora_root(self, model: nn.Module, root: nn.Module) -> nn.Module:
+        """Put `root` (e.g. a PeftModel over the old root) in place of the model's LoRA root.
+
+        Returns:
+            the model to run: `root` itself when the root is the whole model, else `model` with its
+            root attribute replaced.
+        """
+        if self.lora_root_attr is None:
+            return root
+        setattr(model, self.lora_root_attr, root)
+        return model
+
+    def attach_adapter(self, model: nn.Module, adapter_dir: str, adapter_name: str = "default") -> nn.Module:
+        """Attach a peft adapter folder to the family's LoRA root: the one way to attach an adapter.
+
+        The first adapter wraps the root in a `PeftModel` (as `PeftModel.from_pretrained` does);
+        more adapters (a root that is a PeftModel already) go in with `load_adapter` under their
+        own name. The new adapter becomes the active one. Every LoRA module peft creates must get
+        its tensors from the folder: a folder saved from another root (e.g. a UNet adapter put on
+        the whole AudioLDM model, whose keys then match nothing) is refused, and the model left as
+        it was, instead of running with LoRA silently at zero. `adapters.load_adapter` downloads a
+        URL first.
+
+        Args:
+            model: the loaded model (`Loaded.model`), or what an earlier attach returned.
+            adapter_dir: local folder with `adapter_config.json` + `adapter_model.safetensors`.
+            adapter_name: peft adapter name (no '.').
+
+        Returns:
+            the model to generate with, in eval mode (see `with_lora_root`).
+
+        Raises:
+            FileNotFoundError: no `adapter_config.json` in `adapter_dir`.
+            ValueError: LoRA modules of the root that the folder has no tensors for (names a few), or
+                `adapter_name` already attached.
+        """
+        from peft import LoraConfig, PeftModel
+
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter_dir} is not a peft adapter folder: adapter_config.json missing")
+        root = self.lora_root(model)
+        first = not isinstance(root, PeftModel)
+        if not first and adapter_name in root.peft_config:
+            raise ValueError(f"adapter name {adapter_name!r} is already attached to this model")
+        if first:  # what PeftModel.from_pretrained does, keeping load_adapter's result to check it
+            config = LoraConfig.from_pretrained(adapter_dir)
+            config.inference_mode = True
+            root = PeftModel(root, config, adapter_name)
+        try:
+            missing = root.load_adapter(adapter_dir, adapter_name=adapter_name).missing_keys
+            if missing:
+                raise ValueError(
+                    f"adapter {adapter_dir}: {len(missing)} LoRA tensors of the {self.name} LoRA root are not in "
+                    f"the folder (e.g. {missing[:2]}); was it saved from another model or root?"
+                )
+        except BaseException:  # peft put LoRA layers into the modules in place: take them out again
+            root.unload() if first else root.delete_adapter(adapter_name)
+            raise
+        root.set_adapter(adapter_name)
+        return self.with_lora_root(model, root.eval()).eval()
+
+    def detach_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module:
+        """Remove one attached adapter; the last one takes LoRA off the root (`unload`).
+
+        Returns:
+            the model to generate with (the bare model once no adapter is left).
+
+        Raises:
+            ValueError: `adapter_name` is not attached.
+        """
+        root = self.lora_root(model)
+        names = getattr(root, "peft_config", {})
+        if adapter_name not in names:
+            raise ValueError(f"adapter {adapter_name!r} is not attached (attached: {sorted(names)})")
+        if len(names) > 1:
+            root.delete_adapter(adapter_name)
+            return model
+        return self.with_lora_root(model, root.unload())
+
     @abstractmethod
     def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
         """Load the full model from a hub id or local folder, or build the tiny preset.
@@ -97,6 +239,8 @@ class ModelFamily(ABC):
 
     sample_rate: int = 0
     """Audio sample rate in Hz the family's encoder expects."""
+    takes_steps: bool = False
+    """Whether `generate` uses `GenerationRequest.steps` (diffusion families)."""
 
     @abstractmethod
     def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
@@ -125,23 +269,20 @@ class ModelFamily(ABC):
         """Scalar training loss (float32) for one batch."""
 
     @abstractmethod
-    def generate(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        prompt: str,
-        duration_s: float,
-        guidance_scale: float = 3.0,
-        seed: int = 0,
-        melody: np.ndarray | None = None,
-        melody_sample_rate: int | None = None,
-        steps: int | None = None,
-    ) -> tuple[np.ndarray, int]:
-        """Generate audio; returns (float32 waveform [L], sample_rate in Hz).
+    def generate(self, model: nn.Module, tokenizer: Any, request: GenerationRequest) -> tuple[np.ndarray, int]:
+        """Generate audio for one request on the model's device.
 
-        `melody` / `melody_sample_rate` are the conditioning audio, float mono [L] at its rate in Hz:
-        MusicGen-Melody takes its chroma, AudioLDM its CLAP audio embedding (a reference clip).
-        `steps` is the number of denoising steps of diffusion families (others ignore it).
+        Every input tensor is made on (or moved to) the device of `model`'s parameters; the seed's
+        noise comes from a CPU generator or the global seed, so a seed gives the same audio on a
+        given device. Only the finished waveform comes back to the CPU.
+
+        Args:
+            model: the loaded model, or what `attach_adapter` returned.
+            tokenizer: `Loaded.tokenizer`.
+            request: what to generate (validated on construction).
+
+        Returns:
+            (float32 waveform [L] as a numpy array on the CPU, sample_rate in Hz).
         """
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:

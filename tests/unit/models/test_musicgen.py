@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from musiclora.models.base import Segment
+from musiclora.models.base import GenerationRequest, Segment
 from musiclora.models.families import get_family
 from musiclora.models.musicgen import codes_to_delayed, delayed_to_codes
 
@@ -85,12 +85,12 @@ def test_initial_loss_is_near_uniform_and_falls_on_one_batch(fam, loaded):
 
 
 def test_generate_length_and_seed(fam, loaded):
-    a, sr = fam.generate(loaded.model, loaded.tokenizer, "epic orchestral", 0.5, seed=1)
-    b, _ = fam.generate(loaded.model, loaded.tokenizer, "epic orchestral", 0.5, seed=1)
+    a, sr = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest("epic orchestral", 0.5, seed=1))
+    b, _ = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest("epic orchestral", 0.5, seed=1))
     assert sr == 32000 and a.shape == (16000,) and np.array_equal(a, b)
     melody = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32)
-    c, _ = fam.generate(loaded.model, loaded.tokenizer, "epic orchestral", 0.5, seed=1, melody=melody,
-                        melody_sample_rate=16000)
+    c, _ = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest("epic orchestral", 0.5, seed=1,
+                                                                      melody=melody, melody_sample_rate=16000))
     assert c.shape == a.shape
 
 

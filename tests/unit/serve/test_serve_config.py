@@ -85,3 +85,22 @@ def test_host_keeps_an_evicted_adapter_until_its_queued_requests_ran(tmp_path):
     assert np.array_equal(a_audio[0], a_audio[2]) and not np.array_equal(a_audio[0], a_audio[1])
     with pytest.raises(AdapterNotFoundError):
         host.fetch("missing@1")
+
+
+@pytest.mark.parametrize("bad, key", [({"device": "gpu"}, "device"), ({"dtype": "float64"}, "dtype")])
+def test_model_device_and_dtype_are_checked_before_deploying(bad, key):
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    args["models"] = [{**args["models"][0], **bad}]
+    with pytest.raises(ValidationError, match=key):
+        build_app(args)
+
+
+def test_host_puts_the_model_on_its_device_and_dtype(tmp_path):
+    import torch
+
+    host = ModelHost("musicgen-melody", "tiny", str(tmp_path / "registry"), torch_threads=1, device="cpu",
+                     dtype="bfloat16")
+    params = {p.device.type for p in host.loaded.model.parameters()}, {p.dtype for p in host.loaded.model.parameters()}
+    assert params == ({"cpu"}, {torch.bfloat16}) and host.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        ModelHost("musicgen-melody", "tiny", str(tmp_path / "registry"), device="tpu")
