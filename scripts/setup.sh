@@ -30,7 +30,14 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"musiclora needs Python 3.11, found {sys.version}"'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q torch==2.13.0
+# torch: the CPU build pinned by constraints/cpu.txt (torch==2.13.0+cpu), never PyPI's default Linux
+# wheel (a CUDA build). PyPI hosts no +cpu builds: where no local wheel or mirror has the pinned one,
+# it comes from PyTorch's CPU index (the Dockerfile's CPU variant does the same). GPU set-up: README.md.
+torch_index=()
+if ! .venv/bin/pip install -q --dry-run --no-deps -c constraints/cpu.txt torch >/dev/null 2>&1; then
+  torch_index=(--extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}")
+fi
+.venv/bin/pip install -q "${torch_index[@]}" -c constraints/cpu.txt torch
 .venv/bin/pip install -q -c constraints/cpu.txt -e '.[train,serve,dev]'
 # CREPE-tiny embedding weights for evaluation (FAD/KAD). --no-deps: its torchaudio requirement has no
 # build that works beside torch 2.13, and merely installing it breaks transformers' MusicGen imports.

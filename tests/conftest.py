@@ -83,11 +83,10 @@ def _free_port_block(width: int = 3) -> int:
     raise RuntimeError("no free port block on 127.0.0.1")
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStore):
-    """A real single-host Ray head on 127.0.0.1 (pinned free ports, token auth), reaching `s3_store`.
+def _start_local_ray(state_dir, s3_store: EmbeddedStore, num_cpus: int, extra_env: dict[str, str] | None = None):
+    """A `LocalRay` head on free pinned ports whose processes reach `s3_store` and run on CPU.
 
-    Every Ray process inherits the store's AWS_* variables and DS_ACCELERATOR=cpu. Stopped by PID.
+    Token auth uses the head's own token file (RAY_AUTH_TOKEN_PATH), never `~/.ray/auth_token`.
     """
     import os
     from pathlib import Path
@@ -95,11 +94,35 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStor
     from musiclora.local_ray import LocalRay
 
     repo = Path(__file__).resolve().parents[1]
-    head = LocalRay(tmp_path_factory.mktemp("ray"), gcs_port=_free_port_block(1), dashboard_port=_free_port_block(3),
-                    num_cpus=5)
+    head = LocalRay(state_dir, gcs_port=_free_port_block(1), dashboard_port=_free_port_block(3), num_cpus=num_cpus)
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(repo / ".musiclora" / "torch_extensions"))
-    head.start(extra_env={**s3_store.env(), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": ext,
-                          "PYTHONPATH": str(repo / "src"), "TOKENIZERS_PARALLELISM": "false"})
+    return head.start(extra_env={**s3_store.env(), "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": ext,
+                                 "PYTHONPATH": str(repo / "src"), "TOKENIZERS_PARALLELISM": "false",
+                                 **(extra_env or {})})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStore):
+    """A real single-host Ray head on 127.0.0.1 (pinned free ports, token auth), reaching `s3_store`.
+
+    Every Ray process inherits the store's AWS_* variables and DS_ACCELERATOR=cpu. Stopped by PID.
+    """
+    head = _start_local_ray(tmp_path_factory.mktemp("ray"), s3_store, num_cpus=5)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture
+def two_cpu_ray(tmp_path_factory: pytest.TempPathFactory, s3_store: EmbeddedStore):
+    """A second Ray head advertising 2 CPUs (a 2-core machine), for this test only; stopped by PID.
+
+    Ray Train's worker-group start timeout is 10 s here (Ray's default 60 s), so a trial that
+    cannot get its workers fails within the test's time.
+    """
+    head = _start_local_ray(tmp_path_factory.mktemp("ray2"), s3_store, num_cpus=2,
+                            extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
     try:
         yield head
     finally:

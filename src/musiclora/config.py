@@ -303,9 +303,18 @@ class SearchDim(_Strict):
 
 
 class ASHAConfig(_Strict):
-    """ASHA early stopping of weak trials (Li et al. 2020), on `TuneConfig.metric`, in training steps."""
+    """ASHA early stopping of weak trials (Li et al. 2020), on `TuneConfig.metric`, in training steps.
 
-    grace_period: int = Field(4, gt=0)
+    Attributes:
+        grace_period: steps before a trial can be stopped (None: derived from the trial's
+            `optim.max_steps`, `optim.warmup_steps` and the interval its metric is reported at,
+            `run.eval_every` or `run.log_every`; see `musiclora.tune.search.asha_schedule`).
+        max_t: steps at which ASHA stops every trial (None: one past `optim.max_steps`).
+        reduction_factor: 1/reduction_factor of the trials at a rung go on to the next.
+    """
+
+    grace_period: int | None = Field(None, gt=0)
+    max_t: int | None = Field(None, gt=0)
     reduction_factor: float = Field(2.0, gt=1)
 
 
@@ -321,8 +330,12 @@ class TuneConfig(_Strict):
         max_concurrent: trials at once (None: as many as the cluster's CPUs/GPUs fit).
         seed: seed of the search algorithm; trials' data seeds stay as in the train config.
         storage_path: where Tune keeps its experiment (s3:// or file://); resume = same name + path.
-        registry_url / registry_name: the winner is published there as a new version and promoted.
+        registry_url / registry_name: the winner is published there as a new version and promoted
+            (registry_name None: the search's `name`).
         mlflow_tracking_uri: MLflow tracking URI (default a local sqlite store under `.musiclora/`).
+        worker_start_attempts: tries each trial makes to start its worker group, each waiting
+            `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (Ray's default 60 s) for its CPUs/GPUs, before
+            the trial is reported as errored (raise it on a cluster whose autoscaler adds nodes).
     """
 
     name: str = "musiclora-tune"
@@ -339,3 +352,4 @@ class TuneConfig(_Strict):
     registry_url: str | None = None
     registry_name: str | None = None
     mlflow_tracking_uri: str | None = None
+    worker_start_attempts: int = Field(3, gt=0)

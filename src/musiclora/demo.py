@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,8 +54,39 @@ def _step(msg: str) -> None:
     console.rule(f"[bold cyan]{msg}")
 
 
+SHOWN = ("MUSICLORA_RESULT", "[musiclora]", "Error", "error:", "succeeded", "failed")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class JobEcho:
+    """Which lines of a job's log the demo shows, each once, as plain text.
+
+    A Ray Train worker's `print` reaches the job log twice when Train V2's print patch is on (it
+    both prints and logs the message; Ray forwards both to the driver under the same colour-coded
+    `(RayTrainWorker pid=...)` prefix). The demo's cluster turns the patch off
+    (RAY_TRAIN_ENABLE_PRINT_PATCH=0); a line whose message (from `[musiclora]` on) was already
+    shown is still skipped, so the console gets each once whatever the cluster does.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def show(self, line: str) -> str | None:
+        """The line to print (ANSI codes removed), or None: not shown, or already shown."""
+        plain = ANSI.sub("", line).rstrip()
+        if not any(k in plain for k in SHOWN):
+            return None
+        key = plain[plain.index("[musiclora]"):] if "[musiclora]" in plain else plain
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        return plain
+
+
 def submit(ray_head: LocalRay, args: list[str], log_path: Path) -> dict:
     """`ray job submit` a python entry point, follow its logs to the end, return its MUSICLORA_RESULT.
+
+    The log file gets every line (ANSI colour codes removed); the console the lines `JobEcho` picks.
 
     Raises:
         RuntimeError: the job failed (the tail of its log is in the message).
@@ -64,13 +96,16 @@ def submit(ray_head: LocalRay, args: list[str], log_path: Path) -> dict:
     console.print("[dim]$ " + " ".join(cmd))
     env = {**os.environ, **ray_head.env()}
     lines: list[str] = []
+    echo = JobEcho()
     with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                                      stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
+            line = ANSI.sub("", line)
             log.write(line)
             lines.append(line)
-            if any(k in line for k in ("MUSICLORA_RESULT", "[musiclora]", "Error", "error:", "succeeded", "failed")):
-                console.print("  " + line.rstrip(), markup=False, highlight=False)
+            shown = echo.show(line)
+            if shown is not None:
+                console.print("  " + shown, markup=False, highlight=False)
     result = next((json.loads(l.split("MUSICLORA_RESULT ", 1)[1]) for l in lines if "MUSICLORA_RESULT " in l), None)
     if proc.returncode != 0 or result is None:
         raise RuntimeError(f"job {args[0]} failed (exit {proc.returncode}); log {log_path}:\n" + "".join(lines[-40:]))
@@ -106,7 +141,8 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         _step("2/7 Ray head on 127.0.0.1")
         cluster_env = {**store.env(), "DS_ACCELERATOR": "cpu",
                        "TORCH_EXTENSIONS_DIR": str(workdir / "torch_extensions"),
-                       "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+                       "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false",
+                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else each worker print reaches the log twice
         ray_head.start(extra_env=cluster_env)
         console.print(f"dashboard {ray_head.dashboard_url}")
 
@@ -128,7 +164,10 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
                                  f"metadata={metadata}", f"base={base}", f"output_url={shards}"], out / "prepare.log")
 
         _step("6/7 LoRA training: 2 Ray Train workers, DeepSpeed ZeRO-2 (ray job submit)")
-        overrides = [f"model.base={base}", f"data.shards_url={shards}"]
+        run_name = fresh_run_name(family)
+        console.print(f"run {run_name} (a new name each demo: a second demo trains again instead of "
+                      "resuming the finished run)")
+        overrides = [f"model.base={base}", f"data.shards_url={shards}", f"run.name={run_name}"]
         if steps:
             overrides.append(f"optim.max_steps={steps}")
         trained = submit(ray_head, [str(REPO / "ray_jobs/train.py"), "--config",
@@ -173,6 +212,15 @@ def run_demo(workdir: Path, max_tracks: int | None = None, steps: int | None = N
         _step("stopping what the demo started")
         ray_head.stop()
         store.stop()
+
+
+def fresh_run_name(family: str, now: float | None = None) -> str:
+    """`<family>-tiny-demo-<UTC date-time>`: a run name no earlier demo in this checkout used.
+
+    Re-using the config's fixed name would make Ray Train resume the finished run at its last step
+    (zero steps trained, the same adapter published again).
+    """
+    return f"{family}-tiny-demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
 
 
 def _reference_clip(metadata_path, out_wav: Path, start_s: float = 30.0, duration_s: float = 10.0) -> str:

@@ -10,6 +10,12 @@ The one change: `--autoscaling-config=~/ray_bootstrap_config.yaml` is dropped fr
 command, because that file is what `ray up` writes for the head's autoscaler, which would then try
 to ssh to the worker itself.
 
+Token authentication: the YAML's start commands set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH on
+every node. The nodes run with a fresh HOME of their own that holds a stale `~/.ray/auth_token` (what
+any earlier local `ray.init()` leaves behind), so the test reads nothing from the real home directory
+and shows that the YAML's token, not the home's default one, secures the cluster: a client with the
+YAML's variables gets its job run, a client holding only the home's token is refused.
+
 The nodes live in a network namespace of their own (only a loopback interface), so the YAML's
 fixed ports cannot collide with other Ray clusters on the machine and Ray's all-interface binds
 reach nothing outside it.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -49,6 +56,12 @@ def _flags(command: str) -> dict[str, str]:
 def _ray_start_command(commands: list[str]) -> str:
     (start,) = [c for c in commands if "ray start" in c]
     return start
+
+
+def _env_prefix(command: str) -> dict[str, str]:
+    """`NAME=value` assignments in front of `ray start` in a start command."""
+    words = shlex.split(command)
+    return dict(w.split("=", 1) for w in words[:words.index("ray")] if re.fullmatch(r"[A-Z_]+=.*", w))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -121,6 +134,9 @@ def test_two_node_cluster_from_cluster_yaml_runs_a_job():
     head_flags = _flags(head_cmd)
     worker_flags = _flags(_ray_start_command(cfg["worker_start_ray_commands"]))
     head_res, worker_res = json.loads(head_flags["resources"]), json.loads(worker_flags["resources"])
+    head_auth = _env_prefix(head_cmd)
+    assert head_auth.get("RAY_AUTH_MODE") == "token" and head_auth.get("RAY_AUTH_TOKEN_PATH")
+    assert _env_prefix(_ray_start_command(cfg["worker_start_ray_commands"])) == head_auth
 
     from ray.autoscaler._private.util import with_head_node_ip
 
@@ -128,6 +144,12 @@ def test_two_node_cluster_from_cluster_yaml_runs_a_job():
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS, and no
     env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", RAY_TMPDIR=str(tmp))  # ..._OSX_CLUSTER=0: it refuses workers
+    home = tmp / "home"  # the nodes' and clients' home: only a stale default token in it
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    env["HOME"] = str(home)
+    client_env = {**env, "RAY_AUTH_MODE": "token",
+                  "RAY_AUTH_TOKEN_PATH": head_auth["RAY_AUTH_TOKEN_PATH"].replace("$HOME", str(home))}
     groups: list[int] = []
     ns = Netns()
     try:
@@ -141,9 +163,13 @@ def test_two_node_cluster_from_cluster_yaml_runs_a_job():
                            *with_head_node_ip(cfg["worker_start_ray_commands"], head_ip)]
         _run_launcher_commands(ns, worker_commands, worker_env, tmp / "worker.log", groups)
 
-        submit = (f"ray job submit --address http://{head_ip}:{head_flags['dashboard-port']} -- "
-                  f"python {shlex.quote(str(PROBE))} {' '.join([*head_res, *worker_res])}")
-        job = subprocess.run([*ns.prefix, "bash", "-c", submit], env=env, capture_output=True, text=True,
+        dashboard = f"http://{head_ip}:{head_flags['dashboard-port']}"
+        stale = subprocess.run([*ns.prefix, "ray", "job", "list", "--address", dashboard],
+                               env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                               timeout=120, check=False)
+        submit = f"ray job submit --address {dashboard} -- python {shlex.quote(str(PROBE))} " + " ".join(
+            [*head_res, *worker_res])
+        job = subprocess.run([*ns.prefix, "bash", "-c", submit], env=client_env, capture_output=True, text=True,
                              timeout=300, check=False)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         (line,) = [ln for ln in job.stdout.splitlines() if ln.startswith("PROBE ")]
@@ -154,6 +180,7 @@ def test_two_node_cluster_from_cluster_yaml_runs_a_job():
         ns.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    assert stale.returncode != 0 and "Invalid authentication token" in stale.stderr, stale.stdout + stale.stderr
     assert probe["alive"] == sorted([head_ip, worker_ip])
     assert probe["ran_on"] == {**{r: head_ip for r in head_res}, **{r: worker_ip for r in worker_res}}
     expected_cpus = float(head_flags["num-cpus"]) + float(worker_flags["num-cpus"])

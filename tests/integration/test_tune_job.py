@@ -21,13 +21,13 @@ def _tune_args(tmp_path, tiny, name, extra=()):
     return ["--config", "ray_jobs/configs/tune_musicgen_melody_tiny.yaml", f"name={name}",
             f"storage_path=file://{tmp_path}/tune", f"registry_url=file://{tmp_path}/registry",
             f"mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-            f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS}, data.batch_size=2, optim.max_steps=12, "
-            "run.checkpoint_every=6, run.log_every=2, run.storage_path=s3://musiclora-it/runs, "
-            "run.adapters_url=s3://musiclora-it/adapters]", *extra]
+            (f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS}, data.batch_size=2, optim.max_steps=12, "
+             "run.checkpoint_every=6, run.log_every=2, run.storage_path=s3://musiclora-it/runs, "
+             "run.adapters_url=s3://musiclora-it/adapters]"), *extra]
 
 
 def test_tune_search_asha_registry_dashboards(ray_cluster, s3_store, shards, tiny_musicgen_dir, tmp_path):
-    rc, out, result = submit(ray_cluster, "ray_jobs/tune.py", *_tune_args(tmp_path, tiny_musicgen_dir, "it-tune"),
+    rc, out, _ = submit(ray_cluster, "ray_jobs/tune.py", *_tune_args(tmp_path, tiny_musicgen_dir, "it-tune"),
                              timeout_s=900)
     assert rc == 0, out[-5000:]
     from musiclora.adapter_registry import Registry
@@ -36,11 +36,15 @@ def test_tune_search_asha_registry_dashboards(ray_cluster, s3_store, shards, tin
     summary = load_summary(f"file://{tmp_path}/tune", "it-tune")
     trials = summary["trials"]
     assert len(trials) == 4
-    assert sum(t["stopped_early"] for t in trials) >= 1, trials  # ASHA cut at least one
+    assert not [t for t in trials if t["status"] == "errored"], trials  # an errored trial is no ASHA cut
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    assert stopped, trials  # ASHA cut at least one
+    # at a rung no earlier than the derived grace period: past the 5 warm-up steps, on a reported step
+    assert all(t["step"] is not None and t["step"] >= 6 for t in stopped), stopped
     best = summary["best"]
-    assert best["loss"] == min(t["loss"] for t in trials if not t["stopped_early"])
+    assert best["loss"] == min(t["loss"] for t in trials if t["status"] == "finished")
     reg = Registry(f"file://{tmp_path}/registry")
-    shown = reg.show("musicgen-melody-tiny-tuned")
+    shown = reg.show("it-tune")  # the registry name comes from the tune config (its `name` here)
     assert shown["card"]["tune"]["trial_id"] == best["trial_id"]
     assert shown["card"]["adapter"]["r"] == best["adapter.r"]
 
@@ -71,21 +75,21 @@ def test_tune_restores_without_rerunning_finished_trials(ray_cluster, s3_store, 
     args = [a.replace("optim.max_steps=12", "optim.max_steps=6") for a in args]
     sub = subprocess.run([ray_bin, "job", "submit", "--no-wait", "--address", ray_cluster.dashboard_url, "--",
                           sys.executable, str(REPO / "ray_jobs/tune.py"), *args], env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     job = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
     deadline = time.time() + 600
     finished: list[str] = []
     while time.time() < deadline:
         logs = subprocess.run([ray_bin, "job", "logs", "--address", ray_cluster.dashboard_url, job], env=env,
-                              capture_output=True, text=True, timeout=60).stdout
+                              capture_output=True, text=True, timeout=60, check=False).stdout
         finished = re.findall(r"Trial _trial_(\w+) completed", logs)
         if len(finished) >= 1:
             break
         time.sleep(3)
     assert finished, "no trial finished before the deadline"
     subprocess.run([ray_bin, "job", "stop", "--address", ray_cluster.dashboard_url, job], env=env,
-                   capture_output=True, text=True, timeout=120)
-    rc, out, result = submit(ray_cluster, "ray_jobs/tune.py", *args, timeout_s=900)
+                   capture_output=True, text=True, timeout=120, check=False)
+    rc, out, _ = submit(ray_cluster, "ray_jobs/tune.py", *args, timeout_s=900)
     assert rc == 0, out[-5000:]
     assert "restoring Tune experiment" in out
     rerun = set(re.findall(r"run it-restore-(\w+): LoRA", out))

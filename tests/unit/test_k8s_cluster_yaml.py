@@ -55,3 +55,25 @@ def test_gpu_node_types_are_bounded_and_known():
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
     assert workers and all(0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"] for t in workers)
     assert types[config["head_node_type"]]["resources"].get("CPU") == 0  # drivers only on the head
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_every_node_starts_with_the_clusters_token_not_the_home_default(path):
+    """Each `ray start` sets RAY_AUTH_MODE=token and one RAY_AUTH_TOKEN_PATH (a head started
+    without them turns token auth on from ~/.ray/auth_token, a worker does not: it is refused)."""
+    import re
+    import shlex
+
+    config = yaml.safe_load(path.read_text())
+    settings = set()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        words = shlex.split(start.split(";")[-1])
+        env = dict(w.split("=", 1) for w in words[:words.index("ray")] if re.fullmatch(r"[A-Z_]+=.*", w))
+        assert env.get("RAY_AUTH_MODE") == "token", (key, start)
+        settings.add(env.get("RAY_AUTH_TOKEN_PATH"))
+    (token_path,) = settings
+    assert token_path and token_path.startswith("$HOME/")
+    remote = "~/" + token_path.removeprefix("$HOME/")
+    written = any(remote in c and ">" in c for c in config["initialization_commands"])
+    assert written or remote in config["file_mounts"], "every node must get the token file"

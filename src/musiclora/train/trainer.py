@@ -97,11 +97,15 @@ def _check_writable(key: str, url: str) -> None:
         raise PreflightError(f"{key}: cannot write to {url} ({exc})") from None
 
 
-def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None, worker_start_attempts: int | None = None):
     """A `TorchTrainer` running `train_loop_per_worker` with the run's scaling and storage.
 
     Args:
         callbacks: Ray Train user callbacks (e.g. Tune's `TuneReportCallback` inside a trial).
+        worker_start_attempts: tries to start the worker group, each waiting
+            `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (Ray's default 60 s) for its placement group,
+            before the run fails; None keeps Ray's default (retry forever, e.g. while an
+            autoscaler adds nodes).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -117,7 +121,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=(
+                -1 if worker_start_attempts is None else worker_start_attempts - 1)),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # the last ones: resume + best/ inside
             callbacks=callbacks or [],
         ),
@@ -131,8 +136,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, callbacks: list | None = None,
+                 worker_start_attempts: int | None = None) -> dict[str, Any]:
     """Preflight, train on the current Ray cluster, publish the adapter to `<adapters_url>/<name>/`.
+
+    `callbacks` and `worker_start_attempts` go to `build_trainer`.
 
     Returns:
         summary: adapter URL, steps, first/last loss, the losses, trainable parameters.
@@ -142,7 +150,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, A
     checks = preflight(cfg)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env()})
-    result = build_trainer(cfg, callbacks).fit()
+    result = build_trainer(cfg, callbacks, worker_start_attempts).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")
     adapter_url = join_url(cfg.run.adapters_url, cfg.run.name)

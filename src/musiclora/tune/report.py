@@ -65,14 +65,14 @@ def write_report(summary: dict[str, Any], out_dir: str, metric: str = "loss") ->
         fig.savefig(png, dpi=110)
         plt.close(fig)
         paths[key] = str(png)
-    cols = keys + [metric, "step", "stopped_early"]
+    cols = keys + [metric, "step", "status"]  # finished / stopped (ASHA) / errored
     lines = ["| trial | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for t in sorted(trials, key=lambda t: (t.get(metric) is None, t.get(metric) or 0)):
         cells = [f"{t.get(c):.4g}" if isinstance(t.get(c), float) else str(t.get(c)) for c in cols]
         lines.append(f"| {t.get('trial_id')} | " + " | ".join(cells) + " |")
     best = summary.get("best", {})
-    md = [f"# Tune report: {summary.get('name')}", "", f"Best trial: `{best.get('trial_id')}` "
-          f"({metric} = {best.get(metric)}), registry: `{summary.get('registry')}`", "", *lines, ""]
+    md = [f"# Tune report: {summary.get('name')}", "", (f"Best trial: `{best.get('trial_id')}` "
+          f"({metric} = {best.get(metric)}), registry: `{summary.get('registry')}`"), "", *lines, ""]
     md += [f"![{k}]({Path(p).name})" for k, p in paths.items()]
     (out / "tune_report.md").write_text("\n".join(md) + "\n")
     paths["markdown"] = str(out / "tune_report.md")

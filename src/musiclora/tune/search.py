@@ -11,13 +11,16 @@ experiment (`Tuner.restore`) without re-running finished trials.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from musiclora.config import (
+    ASHAConfig,
     ConfigError,
     TrainConfig,
     TuneConfig,
@@ -27,7 +30,10 @@ from musiclora.config import (
 )
 from musiclora.models.families import get_family
 
-TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer; Tune refuses an empty request
+# The trial function only drives its TorchTrainer (whose workers reserve the CPUs/GPUs): it asks for
+# no CPU, so a trial fits where its workers fit, and a token of memory, since Tune refuses an empty
+# request.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, dict[str, Any]]:
@@ -93,8 +99,12 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str) 
     return validate_config(tree, TrainConfig, source=trial_name)
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str) -> None:
-    """Tune function trainable: one TorchTrainer run, its reports forwarded to Tune."""
+def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str, worker_start_attempts: int) -> None:
+    """Tune function trainable: one TorchTrainer run, its reports forwarded to Tune.
+
+    A worker group that cannot get its resources fails the trial after `worker_start_attempts`
+    tries (Ray Train's controller would otherwise retry forever); Tune reports it as errored.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -102,24 +112,52 @@ def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str) -> None
 
     ctx = tune.get_context()
     cfg = trial_config(base, params, f"{tune_name}-{ctx.get_trial_id()}")
-    summary = run_training(cfg, callbacks=[TuneReportCallback()])
+    summary = run_training(cfg, callbacks=[TuneReportCallback()], worker_start_attempts=worker_start_attempts)
     tune.report({"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
                  "loss": summary["losses"][-1], "last_loss_mean": summary["last_loss_mean"],
                  **({"val_loss": summary["best"]["val_loss"]} if summary.get("best") else {})})
 
 
-def _concurrency(tune_cfg: TuneConfig, base: dict[str, Any]) -> int:
-    import ray
+def trials_at_once(tune_cfg: TuneConfig, cfg: TrainConfig, resources: dict[str, float]) -> int:
+    """How many trials may run at once: `max_concurrent`, else as many worker groups as fit.
 
-    cfg = validate_config(base, TrainConfig)
+    Args:
+        cfg: the trials' TrainConfig (all trials share num_workers / cpus_per_worker / use_gpu).
+        resources: the cluster's resources (`ray.cluster_resources()`), e.g. {"CPU": 2.0}.
+
+    Returns:
+        At least 1: on a cluster that cannot yet fit one trial (an autoscaler adds nodes on demand)
+        one trial waits for its workers, `TuneConfig.worker_start_attempts` times.
+    """
     if tune_cfg.max_concurrent:
         return tune_cfg.max_concurrent
-    res = ray.cluster_resources()
-    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker + TRIAL_CPU
-    n = int(res.get("CPU", 1) // per_trial_cpu)
+    n = int(resources.get("CPU", 0) // (cfg.run.num_workers * cfg.run.cpus_per_worker))
     if cfg.run.use_gpu:
-        n = min(n, int(res.get("GPU", 0) // cfg.run.num_workers))
+        n = min(n, int(resources.get("GPU", 0) // cfg.run.num_workers))
     return max(1, n)
+
+
+def asha_schedule(asha: ASHAConfig, cfg: TrainConfig, metric: str) -> tuple[int, int]:
+    """ASHA's (grace_period, max_t) in training steps, each derived from the trial unless set.
+
+    The metric is reported every `interval` steps: `run.eval_every` for `val_loss`, else
+    `run.log_every`. The grace period is the least multiple of `interval` that is at least the
+    warm-up and `max_steps / reduction_factor**3` (three rungs below `max_steps`, as in the ASHA
+    paper's examples, Li et al. 2020). `max_t` is `max_steps + 1`: ASHA terminates a trial that
+    reaches `max_t`, and one step past the last lets finished trials publish their adapter.
+
+    Returns:
+        (grace_period, max_t), e.g. (6, 13) for max_steps 12, warmup 5, log_every 2, factor 2, and
+        (750, 5001) for max_steps 5000, warmup 100, eval_every 250 on `val_loss`.
+    """
+    max_steps = cfg.optim.max_steps
+    max_t = asha.max_t or max_steps + 1
+    if asha.grace_period:
+        return asha.grace_period, max_t
+    interval = cfg.run.eval_every if metric == "val_loss" and cfg.run.eval_every else cfg.run.log_every
+    floor = max(interval, cfg.optim.warmup_steps, math.ceil(max_steps / asha.reduction_factor ** 3))
+    grace = math.ceil(floor / interval) * interval
+    return min(grace, max_steps), max_t
 
 
 def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
@@ -137,28 +175,34 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     from musiclora.storage import pyarrow_fs
     from musiclora.train.trainer import preflight, worker_env
 
-    preflight(validate_config(base, TrainConfig))  # shards, targets, storage: once, before any trial
+    cfg = validate_config(base, TrainConfig)
+    preflight(cfg)  # shards, targets, storage: once, before any trial
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env()})
     fs, path = pyarrow_fs(tune_cfg.storage_path)
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name),
-                                   {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name,
+                                                         worker_start_attempts=tune_cfg.worker_start_attempts),
+                                   TRIAL_RESOURCES)
     experiment = f"{path.rstrip('/')}/{tune_cfg.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"[musiclora] restoring Tune experiment {tune_cfg.storage_path}/{tune_cfg.name}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
-        # ASHA terminates a trial that reaches max_t: one past the last step lets finishers publish
-        max_t = validate_config(base, TrainConfig).optim.max_steps + 1
-        scheduler = (ASHAScheduler(time_attr="step", grace_period=tune_cfg.asha.grace_period, max_t=max_t,
-                                   reduction_factor=tune_cfg.asha.reduction_factor) if tune_cfg.asha else None)
+        scheduler = None
+        if tune_cfg.asha:
+            grace_period, max_t = asha_schedule(tune_cfg.asha, cfg, tune_cfg.metric)
+            scheduler = ASHAScheduler(time_attr="step", grace_period=grace_period, max_t=max_t,
+                                      reduction_factor=tune_cfg.asha.reduction_factor)
+        at_once = trials_at_once(tune_cfg, cfg, ray.cluster_resources())
+        print(f"[musiclora] tune {tune_cfg.name}: {tune_cfg.num_samples} trials, at most {at_once} at once",
+              flush=True)
         tuner = tune.Tuner(
             trainable, param_space=param_space(tune_cfg),
             tune_config=tune.TuneConfig(
                 metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples, scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=tune_cfg.seed),
-                max_concurrent_trials=_concurrency(tune_cfg, base),
+                # the limit goes on the generator: Tune ignores max_concurrent_trials with a SearchGenerator
+                search_alg=BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=at_once),
             ),
             run_config=tune.RunConfig(name=tune_cfg.name, storage_path=path, storage_filesystem=fs,
                                       callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback(),
@@ -166,12 +210,15 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
         )
     grid = tuner.fit()
     trials = [_trial_row(r) for r in grid]
-    finished = [t for t in trials if t.get("adapter_url") and t.get(tune_cfg.metric) is not None]
+    for t in trials:
+        if t["status"] == "errored":
+            print(f"[musiclora] trial {t['trial_id']} errored: ...{t['error'][-600:]}", flush=True)
+    finished = [t for t in trials if t["status"] == "finished" and t.get(tune_cfg.metric) is not None]
     if not finished:
-        raise RuntimeError(f"tune {tune_cfg.name}: no trial finished with metric {tune_cfg.metric!r}")
+        raise RuntimeError(f"tune {tune_cfg.name}: no trial finished with metric {tune_cfg.metric!r} "
+                           f"({sum(t['status'] == 'errored' for t in trials)} of {len(trials)} errored)")
     best = (min if tune_cfg.mode == "min" else max)(finished, key=lambda t: t[tune_cfg.metric])
-    published = _publish_best(tune_cfg, best) if tune_cfg.registry_name else None
-    return {"best": best, "trials": trials, "registry": published}
+    return {"best": best, "trials": trials, "registry": _publish_best(tune_cfg, best)}
 
 
 def _mlflow_callback(tune_cfg: TuneConfig):
@@ -184,23 +231,41 @@ def _mlflow_callback(tune_cfg: TuneConfig):
 
 
 def _trial_row(result) -> dict[str, Any]:
-    """One trial's config and metrics (its last report; stopped trials included)."""
+    """One trial's config, metrics (its last report) and how it ended.
+
+    `status` is "finished" (trained to the end, adapter published), "stopped" (ASHA cut it) or
+    "errored" (it raised, e.g. its workers never started; `error` says why).
+    """
     metrics = dict(result.metrics or {})
     row = {k: v for k, v in (result.config or {}).items() if "." in k}
     row.update({k: metrics.get(k) for k in ("step", "loss", "val_loss", "adapter_url", "last_loss_mean")})
-    row["stopped_early"] = not metrics.get("done_training")
-    row["trial_id"] = metrics.get("trial_id")
+    if result.error is not None:
+        text = f"{type(result.error).__name__}: {result.error}"  # Ray's cause comes last, after tracebacks
+        row["status"], row["error"] = "errored", text if len(text) <= 2000 else f"{text[:400]} ... {text[-1600:]}"
+    else:
+        row["status"] = "finished" if metrics.get("done_training") and metrics.get("adapter_url") else "stopped"
+    row["stopped_early"] = row["status"] == "stopped"
+    row["trial_id"] = metrics.get("trial_id") or _trial_id(result)
     if row.get("loss") is None and row.get("last_loss_mean") is not None:
         row["loss"] = row["last_loss_mean"]
     return row
 
 
+def _trial_id(result) -> str | None:
+    """The trial id from the trial's folder name (`_trial_<experiment>_<index>_<tag>`, as Tune
+    names it): an errored trial that never reported has no `trial_id` metric."""
+    match = re.match(r"_trial_([0-9a-z]+_\d{5})_", Path(str(getattr(result, "path", "") or "")).name)
+    return match.group(1) if match else None
+
+
 def _publish_best(tune_cfg: TuneConfig, best: dict[str, Any]) -> str:
+    """Publish the winner's adapter as a new promoted version of `registry_name` (or the search's name)."""
     from musiclora.adapter_registry import Registry
 
     registry = Registry(tune_cfg.registry_url or os.environ.get("MUSICLORA_REGISTRY_URL"))
     card = {"tune": {"experiment": tune_cfg.name, "trial_id": best.get("trial_id"),
                      "trial_config": {k: v for k, v in best.items() if "." in k},
                      "metric": tune_cfg.metric, "value": best[tune_cfg.metric]}}
-    version = registry.publish(best["adapter_url"], tune_cfg.registry_name, promote=True, card_updates=card)
+    version = registry.publish(best["adapter_url"], tune_cfg.registry_name or tune_cfg.name, promote=True,
+                               card_updates=card)
     return version.ref
