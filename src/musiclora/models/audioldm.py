@@ -233,7 +233,7 @@ class AudioLDMFamily(ModelFamily):
         x0 = batch["latents"].float() * float(inner.vae.config.scaling_factor)
         b = x0.shape[0]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long)
+        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long, device=x0.device)
         noisy = sched.add_noise(x0, noise, t)
         kind = sched.config.prediction_type
         if kind == "epsilon":
@@ -244,7 +244,7 @@ class AudioLDMFamily(ModelFamily):
             raise ValueError(f"scheduler prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
         cond = batch["cond"]
         if model.training and self.options.caption_dropout > 0:
-            drop = torch.rand(b) < self.options.caption_dropout
+            drop = torch.rand(b, device=cond.device) < self.options.caption_dropout
             cond = torch.where(drop[:, None], batch["uncond"], cond)
         pred = model(noisy.to(param.device, param.dtype), t.to(param.device), class_labels=cond.to(param.device, param.dtype))
         err = (pred.float() - target.to(param.device)) ** 2
