@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 SECTIONS = ("musicgen_lora", "musicgen_full", "audioldm_lora")
 SPEC = {  # section -> family, train config it takes the adapter from, mode, trained prefix for full FT
@@ -111,7 +111,12 @@ def _real_audioldm(family):
     """AudioLDM-S: real-shape UNet, VAE, vocoder and CLAP text tower; the tiny preset's CLAP
     tokenizer and audio tower (the reference-audio path is not timed)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+    from transformers import (
+        ClapTextConfig,
+        ClapTextModelWithProjection,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+    )
 
     from musiclora.models.audioldm_components import AudioLDM, clap_text_embeddings
     from musiclora.models.audioldm_tiny import build_tiny_audioldm
@@ -138,12 +143,12 @@ def synthetic_samples(family, loaded, n: int, seconds: float) -> list[dict[str, 
     spec = family.feature_spec(loaded)
     caption = {"caption": "a slow orchestral piece with strings and a solo flute"}
     if spec["codec"] == "encodec":
-        k, t = spec["num_codebooks"], int(round(seconds * spec["frame_rate"]))
+        k, t = spec["num_codebooks"], round(seconds * spec["frame_rate"])
         t_c = int(np.ceil(seconds * spec["codec_sample_rate"] / 4096))  # chroma hop 4096 (235 frames per 30 s)
         chroma = np.eye(12, dtype=np.uint8)[rng.integers(0, 12, t_c)]
         return [{"codes.npy": rng.integers(0, spec["codebook_size"], (k, t)).astype(np.int16), "chroma.npy": chroma,
                  "json": {**caption, "num_frames": t}} for _ in range(n)]
-    t = int(round(seconds * spec["frame_rate"]))
+    t = round(seconds * spec["frame_rate"])
     t -= t % 2  # the UNet halves T' three times after the VAE: keep it a multiple of 8 below
     t = max(8, t - t % 8)
     f = 64 // spec["vae_scale_factor"]
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--section", name, "--result", str(result_file)]
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, timeout=args.section_timeout, capture_output=True, text=True)
+            proc = subprocess.run(cmd, check=False, timeout=args.section_timeout, capture_output=True, text=True)
             result = (json.loads(result_file.read_text()) if result_file.exists()
                       else {"error": f"section process exited {proc.returncode} without a result"})
             if proc.returncode or "error" in result:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_smoke_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--device", "cpu",
-                           "--section-timeout", "600"], capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
+                           "--section-timeout", "600"], check=False, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report == json.loads(proc.stdout)

@@ -20,17 +20,24 @@ def local_device() -> torch.device:
         The Ray Train worker's device when called inside a Train worker (its assigned GPU, or the
         CPU for `use_gpu: false`), else `cuda:<current>` when CUDA is available, else `cpu`.
     """
+    device = _ray_train_device()
+    if device is not None:
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _ray_train_device() -> torch.device | None:
+    """The device Ray Train gave this worker, or None outside a Train worker (or without Ray)."""
     try:
         import ray.train
         import ray.train.torch
 
         ray.train.get_context().get_world_size()  # raises outside a Train worker session
         return ray.train.torch.get_device()
-    except Exception:  # noqa: BLE001 - no Ray, or not inside a Train worker: fall back below
-        pass
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    except Exception:  # noqa: BLE001 - no Ray, or not inside a Train worker
+        return None
 
 
 def ds_accelerator(use_gpu: bool) -> str:
