@@ -170,8 +170,8 @@ class AudioLDMFamily(ModelFamily):
         for i, seg in enumerate(segments):
             wav[i, : seg.num_valid] = normalize_waveform(seg.audio[: seg.num_valid])
         mel = pad_frames(waveform_to_log_mel(torch.from_numpy(wav), mel_basis()), factor)  # [B, T, 64]
-        vae_dtype = next(model.vae.parameters()).dtype
-        latents = model.vae.encode(mel[:, None].to(vae_dtype)).latent_dist.mode().float()  # [B, C, T/f, 64/f]
+        vae = next(model.vae.parameters())
+        latents = model.vae.encode(mel[:, None].to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()  # [B, C, T/f, 64/f]
         text = clap_text_embeddings(model.text_encoder, loaded.tokenizer, [s.caption for s in segments])
         clips, sources = zip(*(_conditioning_clip(s) for s in segments))
         audio = clap_audio_embeddings(self.clap_audio(model), list(clips))

@@ -178,7 +178,7 @@ class MusicgenMelodyFamily(ModelFamily):
         """
         model = loaded.model
         wav = torch.from_numpy(np.stack([s.audio for s in segments])).float()
-        codes = model.audio_encoder.encode(wav[:, None, :].to(model.dtype)).audio_codes[0]  # [B, K, T]
+        codes = model.audio_encoder.encode(wav[:, None, :].to(model.device, model.dtype)).audio_codes[0].cpu()  # [B, K, T]
         chroma = melody_chroma(wav, self.sample_rate)
         hop = model.config.audio_encoder.sampling_rate // self.frame_rate(model)
         out = []
