@@ -187,6 +187,7 @@ def run_section(name: str, args) -> dict[str, Any]:
     from musiclora.adapters import apply_lora
     from musiclora.models.families import get_family
     from musiclora.train.deepspeed import build_ds_config, build_optimizer, model_dtype
+    from musiclora.train.device import deepspeed_args
     from musiclora.train.loop import train_step
     from musiclora.train.validate import validation_loss
 
@@ -222,7 +223,8 @@ def run_section(name: str, args) -> dict[str, Any]:
                attn_implementation=getattr(getattr(flow, "config", None), "_attn_implementation", None))
 
     ds_config = build_ds_config(cfg)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config,
+                                      args=deepspeed_args(device))
     out["engine_device"] = str(engine.device)
     samples = synthetic_samples(family, loaded, batch_size, seconds)
     batch = family.collate(samples, loaded)  # on the CPU, as the shard loader yields it

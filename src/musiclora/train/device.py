@@ -67,6 +67,20 @@ def set_ds_accelerator(use_gpu: bool) -> None:
             )
 
 
+def deepspeed_args(device: torch.device):
+    """The `args` for `deepspeed.initialize` that pin the engine to `device`.
+
+    DeepSpeed otherwise takes `cuda:<LOCAL_RANK>`, which need not be the GPU Ray Train assigned
+    to this worker when several workers share a node; `device_rank` is DeepSpeed's own override
+    (`DeepSpeedEngine._set_distributed_vars`). None on the CPU (nothing to pin).
+    """
+    from types import SimpleNamespace
+
+    if device.type != "cuda":
+        return None
+    return SimpleNamespace(device_rank=device.index if device.index is not None else torch.cuda.current_device())
+
+
 def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a collated batch to `device` (non-blocking from pinned memory).
 

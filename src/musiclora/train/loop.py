@@ -23,7 +23,7 @@ from musiclora.data.shards import ShardStream, batches_forever, load_manifest, s
 from musiclora.models.families import get_family
 from musiclora.train import checkpoint as ckpt
 from musiclora.train.deepspeed import build_ds_config, build_optimizer, model_dtype
-from musiclora.train.device import batch_to_device, set_ds_accelerator
+from musiclora.train.device import batch_to_device, deepspeed_args, local_device, set_ds_accelerator
 from musiclora.train.schedule import lr_at
 from musiclora.train.validate import load_val_batches, validation_loss
 
@@ -63,7 +63,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 2. DeepSpeed ZeRO over the trainable parameters (torch.distributed is already up: gloo or nccl).
     # The engine moves the model to this worker's device (its GPU under use_gpu, else the CPU).
     optimizer = build_optimizer(model, cfg)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg),
+                                                   args=deepspeed_args(local_device()))
 
     # 3. This rank's share of the shards, as an endless stream of batches (same count on every rank).
     collate = lambda samples: family.collate(samples, loaded)

@@ -13,7 +13,13 @@ from musiclora.adapters import apply_lora
 from musiclora.config import AdapterConfig
 from musiclora.models.families import get_family
 from musiclora.train import validate
-from musiclora.train.device import batch_to_device, ds_accelerator, local_device, set_ds_accelerator
+from musiclora.train.device import (
+    batch_to_device,
+    deepspeed_args,
+    ds_accelerator,
+    local_device,
+    set_ds_accelerator,
+)
 from musiclora.train.loop import train_step
 from tests.unit.train.helpers import FakeEngine, synthetic_batch
 
@@ -113,3 +119,9 @@ def test_set_ds_accelerator_refuses_a_late_switch(monkeypatch):
 
 def test_local_device_outside_ray_train_is_cuda_or_cpu():
     assert local_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_deepspeed_args_pin_the_engine_to_the_assigned_gpu():
+    """DeepSpeed would take cuda:<LOCAL_RANK>; Ray Train's assigned GPU can differ on shared nodes."""
+    assert deepspeed_args(torch.device("cpu")) is None
+    assert deepspeed_args(torch.device("cuda", 3)).device_rank == 3
