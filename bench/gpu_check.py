@@ -101,7 +101,7 @@ def _real_musicgen(family):
     from musiclora.models.tiny_tokenizer import build_t5_tokenizer
 
     config = MusicgenMelodyConfig.from_pretrained(config_dir(family.default_base))
-    model = MusicgenMelodyForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model = MusicgenMelodyForConditionalGeneration(config)  # transformers picks SDPA where a part supports it
     for key in ("pad_token_id", "decoder_start_token_id", "bos_token_id"):
         setattr(model.generation_config, key, config.decoder.pad_token_id)
     return model, build_t5_tokenizer()  # ids < 32128: any tokenizer works for random weights
@@ -322,6 +322,18 @@ def _child(args) -> None:
     gc.collect()
 
 
+def _child_args(args) -> list[str]:
+    """The resolved options, as a section process's command line."""
+    out = ["--device", args.device]
+    for key in ("steps", "warmup", "batch_size", "seconds", "audioldm_batch_size", "audioldm_seconds", "gen_seconds",
+                "peak_tflops"):
+        if getattr(args, key) is not None:
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    flags = {"--smoke": args.smoke, "--gradient-checkpointing": args.gradient_checkpointing,
+             "--no-count-flops": not args.count_flops, "--skip-generate": args.skip_generate}
+    return out + [flag for flag, on in flags.items() if on]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 steps (CPU self-test)")
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     report: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "smoke": smoke,
                               "cuda": torch.version.cuda, "sections": {}}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--sections")]
+    passthrough = _child_args(args)
     for name in [s for s in args.sections.split(",") if s]:
         result_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{os.getpid()}_{name}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--section", name, "--result", str(result_file)]
