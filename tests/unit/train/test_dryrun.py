@@ -132,3 +132,21 @@ def test_cli_dry_run_exit_codes(real_pair):
     for cmd, name in ((["prepare"], "prepare_audioldm.yaml"), (["tune", "run"], "tune_musicgen_melody.yaml")):
         res = runner.invoke(app, [*cmd, "--config", str(REPO / "ray_jobs/configs" / name), "--dry-run", "--offline"])
         assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(("script", "config"), [("train.py", "audioldm.yaml"), ("prepare.py", "prepare_musicgen_melody.yaml"),
+                                                ("tune.py", "tune_musicgen_melody_tiny.yaml")])
+def test_ray_job_entry_points_dry_run(script, config):
+    """`ray job submit -- python ray_jobs/<script> --config ... --dry-run` checks and exits, no Ray started."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / script), "--config",
+                           str(REPO / "ray_jobs/configs" / config), "--dry-run", "--offline"],
+                          check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["kind"] == script.removesuffix(".py")
