@@ -176,8 +176,6 @@ class EncodeTask:
     """
 
     def __init__(self, cfg: dict[str, Any]):
-        import torch
-
         self.cfg = PrepareConfig.model_validate(cfg)
         self.family = get_family(self.cfg.family)
         device, dtype = encoder_device(self.cfg)
@@ -185,7 +183,6 @@ class EncodeTask:
         self.loaded.model.to(device)
         self.device = str(device)
         self.spec = json.dumps(self.family.feature_spec(self.loaded), sort_keys=True)
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows: list[dict[str, Any]] = []
