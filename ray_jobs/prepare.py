@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="PrepareConfig YAML")
     parser.add_argument("--tracks-per-task", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    parser.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: the config's encoder_actors)")
     parser.add_argument("--dry-run", action="store_true", help="check the config (no weights, no workers) and exit")
     parser.add_argument("--offline", action="store_true", help="with --dry-run: do not touch object storage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. segment_s=10")

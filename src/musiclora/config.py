@@ -167,6 +167,7 @@ class PrepareConfig(_Strict):
         time_stretch: largest relative tempo change of a copy, e.g. 0.1 for +-10 % (0: off).
         noise_snr_db: lowest signal-to-noise ratio of noise added to a copy, dB (None: off).
         target_shard_mb: close a shard before it would pass this size in MB (None: count only).
+        encoder_actors: encoder actors (each holds one copy of the model); `--concurrency` overrides.
         encoder_gpus: GPUs per encoder actor (0: CPU actors; fractions share a GPU).
         encoder_cpus: CPUs per encoder actor.
         encode_batch_size: segments encoded per forward pass of the codec / VAE.
@@ -191,6 +192,7 @@ class PrepareConfig(_Strict):
     time_stretch: float = Field(0.0, ge=0, lt=0.5)
     noise_snr_db: float | None = None
     target_shard_mb: float | None = Field(None, gt=0)
+    encoder_actors: int = Field(1, gt=0)
     encoder_gpus: float = Field(0.0, ge=0)
     encoder_cpus: float = Field(1.0, gt=0)
     encode_batch_size: int = Field(16, gt=0)

@@ -16,7 +16,7 @@ def prepare(
     config: Path = typer.Option(..., exists=True, help="PrepareConfig YAML"),
     overrides: list[str] = Overrides,
     tracks_per_task: int = typer.Option(4, help="tracks per Ray Data batch (one shard group each)"),
-    concurrency: int = typer.Option(1, help="encoder actors"),
+    concurrency: int = typer.Option(None, help="encoder actors (default: the config's encoder_actors)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check the config (no encoders, no workers) and exit"),
     offline: bool = typer.Option(False, "--offline", help="with --dry-run: do not touch object storage"),
 ) -> None:

@@ -360,13 +360,13 @@ def _remove_stale_shards(output_url: str, keep: set[str]) -> None:
             fs.rm(f"{root}/{name}")
 
 
-def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int | None = None) -> dict[str, Any]:
     """Run the whole preparation on the current Ray cluster (starting a local one if none).
 
     Args:
         cfg: what to prepare (validated).
         tracks_per_task: tracks per Ray Data batch sent to an encoder actor.
-        concurrency: encoder actors (each holds one copy of the model).
+        concurrency: encoder actors (each holds one copy of the model); None: `cfg.encoder_actors`.
 
     Returns:
         The manifest dict, also written to `<output_url>/manifest.json`.
@@ -392,7 +392,7 @@ def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) 
     shards: list[dict[str, Any]] = []
     facts: list[dict[str, Any]] = []
     if rows:
-        facts, shards = _encode_and_write(cfg, rows, tracks_per_task, concurrency, start)
+        facts, shards = _encode_and_write(cfg, rows, tracks_per_task, concurrency or cfg.encoder_actors, start)
     manifest = build_manifest(cfg, get_family(cfg.family).name, facts, skipped, shards, time.time() - start)
     if manifest["num_samples"]["train"] == 0:
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:10])

@@ -236,11 +236,13 @@ def dry_run_prepare(cfg: PrepareConfig, source: str | None = None, offline: bool
     if cfg.val_fraction == 0:
         report.note("val_fraction 0: no 'val' split, so training configs must keep run.eval_every 0")
     actor = {"CPU": cfg.encoder_cpus, "GPU": cfg.encoder_gpus}
-    report.data["resources"] = {"encoder_actor": actor, "encode_batch_size": cfg.encode_batch_size,
+    need = {k: v * cfg.encoder_actors for k, v in actor.items()}
+    report.data["resources"] = {"encoder_actors": cfg.encoder_actors, "encoder_actor": actor, **need,
+                                "encode_batch_size": cfg.encode_batch_size,
                                 "encode_precision": cfg.encode_precision if cfg.encoder_gpus else "fp32"}
     if cfg.encode_precision == "bf16" and not cfg.encoder_gpus:
         report.note("encode_precision bf16 applies on GPU actors only; CPU actors encode in fp32")
-    _check_cluster(report, actor)
+    _check_cluster(report, need)
     if not offline:
         from musiclora.storage import get_fs
 

@@ -47,6 +47,7 @@ def test_real_size_configs_use_real_size_models_and_agree():
     assert any("checked against the prepare config" in n for n in train["notes"])
     prep = _dry_run(REPO / "ray_jobs/configs/prepare_musicgen_melody.yaml")
     assert prep["feature_spec"] == train["feature_spec"]
+    assert prep["resources"]["GPU"] == 8 and prep["resources"]["encode_precision"] == "bf16"  # 8 GPU encoder actors
     audioldm = _dry_run(REPO / "ray_jobs/configs/audioldm.yaml")
     assert 2.3e8 < audioldm["model_params"] < 2.5e8  # UNet 185 M + VAE 55 M (skeleton: no CLAP/vocoder)
     for name, seconds in (("prepare_musicgen_melody.yaml", 30.0), ("prepare_audioldm.yaml", 10.24)):
