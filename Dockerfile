@@ -22,6 +22,9 @@ RUN apt-get update -qq \
 USER ray
 
 WORKDIR /home/ray/musiclora
+# DS_ACCELERATOR is not baked in: each training worker sets it from its run's run.use_gpu (cuda for
+# GPU runs, cpu otherwise; musiclora.train.device) before DeepSpeed starts, in both variants.
+# cluster/gpu-aws.yaml and the k8s gpu overlay set cuda on GPU nodes for everything else.
 ENV PYTHONPATH=/home/ray/musiclora \
     TOKENIZERS_PARALLELISM=false \
     PIP_NO_CACHE_DIR=1 \

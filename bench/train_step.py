@@ -10,7 +10,8 @@ workers), step time, peak resident memory per worker (CPU: ru_maxrss; CUDA: max 
 data-wait fraction (time blocked on the next batch / wall time), and on CUDA the model FLOPs
 utilisation: MFU = achieved FLOP/s / peak, with FLOPs per token = 6 N for full fine-tuning and
 4 N + 6 N_lora for LoRA (forward 2N, activation gradients 2N, weight gradients only for trained
-parameters; Kaplan et al. 2020 / PaLM appendix B convention).
+parameters; Kaplan et al. 2020 / PaLM appendix B convention). A token is one position of the
+network: for MusicGen one codec frame (its K codebooks are summed into one decoder position).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from musiclora.data.shards import ShardStream, batches_forever, load_manifest, shard_urls
     from musiclora.models.families import get_family
     from musiclora.train.deepspeed import build_ds_config
+    from musiclora.train.loop import train_step
 
     cuda = spec["device"] == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -93,7 +95,6 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     else:
         samples = _synthetic_samples(family, loaded, spec["batch_size"], spec["seconds"])
         batches = itertools.repeat(collate(samples))
-    to_dev = (lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}) if cuda else (lambda b: b)
     wait = tokens = 0.0
     for step in range(spec["warmup"] + spec["steps"]):
         if step == spec["warmup"]:
@@ -101,12 +102,11 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
                 torch.cuda.synchronize()
             t_start, wait, tokens = time.time(), 0.0, 0
         t0 = time.time()
-        batch = to_dev(next(batches))
+        batch = next(batches)
         wait += time.time() - t0
-        loss = family.loss(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        tokens += family.num_tokens(batch)
+        loss = train_step(engine, family, batch)  # the product's step: batch to the engine's device, loss, step
+        # decoder positions: MusicGen sums its K codebooks into one position (MFU counts FLOPs per position)
+        tokens += family.num_tokens(batch) // (int(batch["codes"].shape[1]) if "codes" in batch else 1)
     if cuda:
         torch.cuda.synchronize()
     wall = time.time() - t_start

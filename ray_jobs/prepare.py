@@ -17,10 +17,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="PrepareConfig YAML")
     parser.add_argument("--tracks-per-task", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    parser.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: the config's encoder_actors)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config (no weights, no workers) and exit")
+    parser.add_argument("--offline", action="store_true", help="with --dry-run: do not touch object storage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. segment_s=10")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides, PrepareConfig)
+    if args.dry_run:
+        from musiclora.train.dryrun import dry_run_prepare, emit
+
+        raise SystemExit(emit(dry_run_prepare(cfg, args.config, offline=args.offline)))
     manifest = prepare(cfg, tracks_per_task=args.tracks_per_task, concurrency=args.concurrency)
     keep = ("family", "num_tracks", "num_skipped", "num_samples", "audio_seconds", "prepare_wall_s")
     print("MUSICLORA_RESULT " + json.dumps({k: manifest[k] for k in keep}), flush=True)

@@ -70,6 +70,8 @@ class DataConfig(_Strict):
         shuffle_buffer: samples held in the shuffle buffer (0 disables shuffling).
         seed: base seed; the order is a function of (seed, epoch).
         val_batches: at most this many validation batches per rank per evaluation.
+        prepare_config: the PrepareConfig YAML that makes `shards_url` (relative to this file, or
+            absolute); `--dry-run` checks the pairing when the shards do not exist yet.
     """
 
     shards_url: str
@@ -78,6 +80,7 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(32, ge=0)
     seed: int = 0
     val_batches: int = Field(8, gt=0)
+    prepare_config: str | None = None
 
 
 class OptimConfig(_Strict):
@@ -164,6 +167,11 @@ class PrepareConfig(_Strict):
         time_stretch: largest relative tempo change of a copy, e.g. 0.1 for +-10 % (0: off).
         noise_snr_db: lowest signal-to-noise ratio of noise added to a copy, dB (None: off).
         target_shard_mb: close a shard before it would pass this size in MB (None: count only).
+        encoder_actors: encoder actors (each holds one copy of the model); `--concurrency` overrides.
+        encoder_gpus: GPUs per encoder actor (0: CPU actors; fractions share a GPU).
+        encoder_cpus: CPUs per encoder actor.
+        encode_batch_size: segments encoded per forward pass of the codec / VAE.
+        encode_precision: the encoders' dtype on GPU (`bf16` where the codec allows it; CPU stays fp32).
         model_options: the family's `model.options` as training will set them (validated by the
             family), where they change what the shards hold, e.g. AudioLDM's `condition: audio`.
     """
@@ -186,6 +194,11 @@ class PrepareConfig(_Strict):
     time_stretch: float = Field(0.0, ge=0, lt=0.5)
     noise_snr_db: float | None = None
     target_shard_mb: float | None = Field(None, gt=0)
+    encoder_actors: int = Field(1, gt=0)
+    encoder_gpus: float = Field(0.0, ge=0)
+    encoder_cpus: float = Field(1.0, gt=0)
+    encode_batch_size: int = Field(16, gt=0)
+    encode_precision: Literal["fp32", "bf16"] = "fp32"
     model_options: dict[str, Any] = {}
 
     @field_validator("family")

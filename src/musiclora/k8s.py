@@ -118,14 +118,9 @@ JOBS = (
 )
 # The `gpu` overlay runs the real-size configs (its resource patch gives workers the GPUs).
 GPU_JOBS = (
-    Job("prepare", "ray_jobs/configs/prepare_musicgen_melody_tiny.yaml",
-        ("metadata=s3://musiclora/corpus/demo/metadata.jsonl", "base=facebook/musicgen-melody", "segment_s=30",
-         "output_url=s3://musiclora/shards/musicgen-melody/full")),
-    Job("train", "ray_jobs/configs/musicgen_melody.yaml",
-        ("data.shards_url=s3://musiclora/shards/musicgen-melody/full", "run.name=musicgen-melody-full")),
-    Job("tune", "ray_jobs/configs/tune_musicgen_melody_tiny.yaml",
-        ("train_config=musicgen_melody.yaml", "name=tune-musicgen-melody-full",
-         "train_overrides=[data.shards_url=s3://musiclora/shards/musicgen-melody/full]")),
+    Job("prepare", "ray_jobs/configs/prepare_musicgen_melody.yaml", ("metadata=s3://musiclora/corpus/demo/metadata.jsonl",)),
+    Job("train", "ray_jobs/configs/musicgen_melody.yaml"),
+    Job("tune", "ray_jobs/configs/tune_musicgen_melody.yaml"),
 )
 CLUSTER_WORKERS = WorkerGroup("workers", Resources("2", "8Gi"), 0, 4)
 SERVE_WORKERS = WorkerGroup("workers", Resources("2", "8Gi"), 1, 4)

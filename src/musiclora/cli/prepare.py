@@ -16,7 +16,9 @@ def prepare(
     config: Path = typer.Option(..., exists=True, help="PrepareConfig YAML"),
     overrides: list[str] = Overrides,
     tracks_per_task: int = typer.Option(4, help="tracks per Ray Data batch (one shard group each)"),
-    concurrency: int = typer.Option(1, help="encoder actors"),
+    concurrency: int = typer.Option(None, help="encoder actors (default: the config's encoder_actors)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the config (no encoders, no workers) and exit"),
+    offline: bool = typer.Option(False, "--offline", help="with --dry-run: do not touch object storage"),
 ) -> None:
     """Audio + metadata -> family features -> WebDataset shards + manifest.json (Ray Data)."""
     from musiclora.config import ConfigError, PrepareConfig, load_config
@@ -24,6 +26,10 @@ def prepare(
 
     try:
         cfg = load_config(config, overrides, PrepareConfig)
+        if dry_run:
+            from musiclora.train.dryrun import dry_run_prepare, emit
+
+            raise typer.Exit(emit(dry_run_prepare(cfg, str(config), offline=offline)))
         manifest = run_prepare(cfg, tracks_per_task=tracks_per_task, concurrency=concurrency)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(exc)

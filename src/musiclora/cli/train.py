@@ -14,6 +14,8 @@ from musiclora.cli.prepare import Overrides
 def train(
     config: Path = typer.Option(..., exists=True, help="TrainConfig YAML"),
     overrides: list[str] = Overrides,
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the config (no weights, no workers) and exit"),
+    offline: bool = typer.Option(False, "--offline", help="with --dry-run: do not touch object storage"),
 ) -> None:
     """Run a training config on this machine's Ray (local cluster started if none)."""
     from musiclora.config import ConfigError, TrainConfig, load_config
@@ -21,6 +23,10 @@ def train(
 
     try:
         cfg = load_config(config, overrides, TrainConfig)
+        if dry_run:
+            from musiclora.train.dryrun import dry_run_train, emit
+
+            raise typer.Exit(emit(dry_run_train(cfg, str(config), offline=offline)))
         summary = run_training(cfg)
     except (ConfigError, PreflightError) as exc:
         fail(exc)

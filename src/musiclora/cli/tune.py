@@ -17,6 +17,8 @@ app = typer.Typer(help="Ray Tune search over LoRA hyper-parameters.", no_args_is
 def run(
     config: Path = typer.Option(..., exists=True, help="TuneConfig YAML"),
     overrides: list[str] = Overrides,
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the config and its train config, then exit"),
+    offline: bool = typer.Option(False, "--offline", help="with --dry-run: do not touch object storage"),
 ) -> None:
     """Run (or resume) a search on this machine's Ray; the winner is published to the registry."""
     from musiclora.config import ConfigError
@@ -26,6 +28,10 @@ def run(
 
     try:
         tune_cfg, base = load_tune_config(config, overrides)
+        if dry_run:
+            from musiclora.train.dryrun import dry_run_tune, emit
+
+            raise typer.Exit(emit(dry_run_tune(tune_cfg, base, str(config), offline=offline)))
         summary = {"name": tune_cfg.name, **run_tune(tune_cfg, base)}
     except (ConfigError, PreflightError) as exc:
         fail(exc)

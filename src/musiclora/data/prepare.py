@@ -4,29 +4,31 @@ Built on Ray Data, so it spreads over a cluster and runs as a Ray job (`ray_jobs
 
 1. The driver reads the input leniently (`metadata.load_tracks`: a metadata file, or a folder or
    bucket of audio); bad rows become skips.
-2. Encode (a pool of actors, each loading the family's encoder once; `tracks_per_task` tracks
-   per batch): per track decode -> mono -> trim silence -> resample -> loudness-normalise ->
+2. Encode (a pool of actors, each loading the family's encoder once, on a GPU in bf16 when the
+   config gives them `encoder_gpus` and `encode_precision: bf16`; `tracks_per_task` tracks per
+   batch, `encode_batch_size` segments per forward pass): per track decode -> mono -> trim silence -> resample -> loudness-normalise ->
    optional augmented copies (pitch shift, time stretch, noise) -> segments (length, hop,
    minimum configurable) -> family features (EnCodec codes + melody chroma + caption for
    MusicGen-Melody), each sample serialised as its tar record. Every bad file (missing, corrupt,
    truncated, empty, not audio, silent, too short) becomes a skip with its reason; nothing stops
    the run.
-3. Plan: the driver fetches only the small per-sample facts (split, track, order, size) and cuts
-   the samples, in (split, track, segment) order, into shards of at most `samples_per_shard`
-   samples and `target_shard_mb` MB. The plan does not depend on how tracks were batched or how
-   many actors ran, so re-running on the same input and config reproduces the same shards
-   byte for byte (tar headers carry no times or owners).
-4. Write (grouped by shard, in parallel): each group's records are concatenated into
-   `<split>-NNNNN.tar` at the output URL, with its sha256.
+3. Stream and write: the driver iterates the encoded records as the actors produce them
+   (Ray Data's streaming executor, order preserved, so nothing waits in the object store for the
+   whole corpus) and cuts them, per split in (track, segment) order, into shards of at most
+   `samples_per_shard` samples and `target_shard_mb` MB (`plan_shards` is the same rule); each
+   shard is written as `<split>-NNNNN.tar` (with its sha256) as soon as it closes, by a few
+   writer threads. The cut does not depend on how tracks were batched or how many actors ran, so
+   re-running on the same input and config reproduces the same shards byte for byte (tar
+   headers carry no times or owners).
+4. Progress: Ray Data's bars per stage, and a line per written shard (tracks done, samples,
+   audio seconds per second).
 5. The driver writes `manifest.json`: counts, seconds, throughput, feature spec, config, every
    shard with sha256, every skipped input with its reason.
 
-Ray Data shows a progress bar per stage.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import json
@@ -34,6 +36,7 @@ import logging
 import math
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -50,7 +53,7 @@ from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, split_u
 
 log = logging.getLogger(__name__)
 
-ENCODE_BATCH = 8
+WRITER_THREADS = 4
 FORMAT = "musiclora-shards/2"
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.tar$")
 _FACTS = ("kind", "split", "track", "order", "key", "nbytes", "seconds", "path", "reason")
@@ -188,7 +191,10 @@ class EncodeTask:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = PrepareConfig.model_validate(cfg)
         self.family = get_family(self.cfg.family).configure(self.cfg.model_options)
-        self.loaded = self.family.load(self.cfg.base)
+        device, dtype = encoder_device(self.cfg)
+        self.loaded = self.family.load(self.cfg.base, dtype=dtype)
+        self.loaded.model.to(device)
+        self.device = str(device)
         self.spec = json.dumps(self.family.feature_spec(self.loaded), sort_keys=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -206,8 +212,9 @@ class EncodeTask:
             reason = exc.reason if isinstance(exc, AudioDecodeError) else str(exc)
             return [_row("skip", track, reason=f"{type(exc).__name__}: {reason}")]
         rows = []
-        for i in range(0, len(segs), ENCODE_BATCH):  # fixed chunks per track: the same on every run
-            for j, sample in enumerate(self.family.encode_segments(self.loaded, segs[i : i + ENCODE_BATCH])):
+        step = self.cfg.encode_batch_size
+        for i in range(0, len(segs), step):  # fixed chunks per track: the same on every run
+            for j, sample in enumerate(self.family.encode_segments(self.loaded, segs[i : i + step])):
                 seg = segs[i + j]
                 record = sample_record(sample)
                 rows.append(_row("sample", track, order=i + j, key=seg.key, nbytes=len(record),
@@ -216,7 +223,30 @@ class EncodeTask:
         return rows
 
 
-# --------------------------------------------------------------------------- stage 2: plan and write
+def encoder_device(cfg: PrepareConfig):
+    """Where an encoder actor runs and in which dtype.
+
+    Returns:
+        (torch.device, torch.dtype): the actor's GPU when `encoder_gpus` > 0 and CUDA is visible
+        (Ray sets CUDA_VISIBLE_DEVICES for the actor), with bfloat16 when `encode_precision` is
+        `bf16`; else the CPU in float32 (bf16 on CPU is slow and changes nothing for storage).
+    """
+    import torch
+
+    if cfg.encoder_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if cfg.encode_precision == "bf16" else torch.float32
+    return torch.device("cpu"), torch.float32
+
+
+def encoder_resources(cfg: PrepareConfig) -> dict[str, float]:
+    """Ray resources of one encoder actor: `num_cpus` and, when set, `num_gpus` (fractions share a GPU)."""
+    out = {"num_cpus": cfg.encoder_cpus}
+    if cfg.encoder_gpus:
+        out["num_gpus"] = cfg.encoder_gpus
+    return out
+
+
+# --------------------------------------------------------------------------- stage 2: cut and write
 
 
 def plan_shards(
@@ -255,18 +285,58 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.tar"
 
 
-def _assign(batch: dict[str, np.ndarray], starts: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
-    keep = [i for i, kind in enumerate(batch["kind"]) if kind == "sample"]
-    shards = []
-    for i in keep:
-        split = str(batch["split"][i])
-        index = bisect.bisect_right(starts[split], (int(batch["track"][i]), int(batch["order"][i]))) - 1
-        shards.append(shard_name(split, index))
-    return {
-        "shard": np.asarray(shards, dtype=str), "track": np.asarray([int(batch["track"][i]) for i in keep], dtype=np.int64),
-        "order": np.asarray([int(batch["order"][i]) for i in keep], dtype=np.int64),
-        "record": np.array([bytes(batch["record"][i]) for i in keep], dtype=object),
-    }  # fmt: skip
+class StreamingShards:
+    """Cut samples arriving in (track, order) order into shards as `plan_shards` does, and write
+    each shard (`_write_group`) on a writer thread as soon as it closes.
+
+    Args:
+        samples_per_shard: most samples per shard.
+        target_bytes: size cap per shard in bytes, or None.
+        output_url: where the `.tar` shards go.
+        threads: writer threads (uploads overlap with encoding).
+    """
+
+    def __init__(self, samples_per_shard: int, target_bytes: int | None, output_url: str, threads: int = WRITER_THREADS):
+        self.n, self.target, self.url = samples_per_shard, target_bytes, output_url
+        self.open: dict[str, dict[str, Any]] = {}
+        self.count: dict[str, int] = {}
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.futures: list[Future] = []
+
+    def add(self, split: str, track: int, order: int, record: bytes) -> None:
+        cur = self.open.get(split)
+        full = cur is not None and (len(cur["record"]) >= self.n or (
+            self.target is not None and cur["record"] and cur["size"] + len(record) > self.target))
+        if cur is None or full:
+            if cur is not None:
+                self._close(split)
+            index = self.count.get(split, 0)
+            self.count[split] = index + 1
+            cur = self.open[split] = {"shard": shard_name(split, index), "track": [], "order": [], "record": [],
+                                      "size": 1024}
+        cur["track"].append(track)
+        cur["order"].append(order)
+        cur["record"].append(record)
+        cur["size"] += len(record)
+
+    def _close(self, split: str) -> None:
+        cur = self.open.pop(split)
+        group = {"shard": np.asarray([cur["shard"]] * len(cur["record"])), "track": np.asarray(cur["track"]),
+                 "order": np.asarray(cur["order"]), "record": np.array(cur["record"], dtype=object)}
+        self.futures.append(self.pool.submit(_write_group, group, self.url))
+
+    def written(self) -> int:
+        return sum(f.done() for f in self.futures)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Close the open shards, wait for every write; returns one row per shard (name, split,
+        num_samples, num_bytes, sha256). Raises what a write raised."""
+        for split in list(self.open):
+            self._close(split)
+        try:
+            return [{k: v[0] for k, v in f.result().items()} for f in self.futures]
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _write_group(group: dict[str, np.ndarray], output_url: str) -> dict[str, list]:
@@ -303,13 +373,13 @@ def _remove_stale_shards(output_url: str, keep: set[str]) -> None:
             fs.rm(f"{root}/{name}")
 
 
-def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int | None = None) -> dict[str, Any]:
     """Run the whole preparation on the current Ray cluster (starting a local one if none).
 
     Args:
         cfg: what to prepare (validated).
         tracks_per_task: tracks per Ray Data batch sent to an encoder actor.
-        concurrency: encoder actors (each holds one copy of the model).
+        concurrency: encoder actors (each holds one copy of the model); None: `cfg.encoder_actors`.
 
     Returns:
         The manifest dict, also written to `<output_url>/manifest.json`.
@@ -335,21 +405,7 @@ def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) 
     shards: list[dict[str, Any]] = []
     facts: list[dict[str, Any]] = []
     if rows:
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / tracks_per_task)))
-        encoded = ds.map_batches(
-            EncodeTask, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=tracks_per_task,
-            concurrency=concurrency, batch_format="numpy",
-        ).materialize()
-        facts = encoded.select_columns([*_FACTS, "spec"]).take_all()
-        target = int(cfg.target_shard_mb * 1e6) if cfg.target_shard_mb else None
-        starts = plan_shards(facts, cfg.samples_per_shard, target)
-        if starts:
-            shards = (
-                encoded.map_batches(_assign, fn_kwargs={"starts": starts}, batch_format="numpy")
-                .groupby("shard", num_partitions=min(64, sum(len(v) for v in starts.values())))
-                .map_groups(_write_group, fn_kwargs={"output_url": cfg.output_url}, batch_format="numpy")
-                .take_all()
-            )
+        facts, shards = _encode_and_write(cfg, rows, tracks_per_task, concurrency or cfg.encoder_actors, start)
     manifest = build_manifest(cfg, get_family(cfg.family).name, facts, skipped, shards, time.time() - start)
     if manifest["num_samples"]["train"] == 0:
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:10])
@@ -363,6 +419,42 @@ def prepare(cfg: PrepareConfig, tracks_per_task: int = 4, concurrency: int = 1) 
         manifest["num_skipped"], manifest["throughput"]["input_audio_s_per_s"],
     )  # fmt: skip
     return manifest
+
+
+def _encode_and_write(cfg: PrepareConfig, rows: list[dict[str, str]], tracks_per_task: int, concurrency: int,
+                      start: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Stream the encoder actors' output into shards; returns (facts, shard rows)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    preserve = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # records arrive in track order: the cut is deterministic
+    target = int(cfg.target_shard_mb * 1e6) if cfg.target_shard_mb else None
+    writer = StreamingShards(cfg.samples_per_shard, target, cfg.output_url)
+    facts: list[dict[str, Any]] = []
+    tracks = 0
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / tracks_per_task)))
+        encoded = ds.map_batches(
+            EncodeTask, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=tracks_per_task,
+            concurrency=concurrency, batch_format="numpy", **encoder_resources(cfg),
+        )
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, kind in enumerate(batch["kind"]):
+                facts.append({k: batch[k][i] for k in (*_FACTS, "spec")})
+                if kind == "sample":
+                    writer.add(str(batch["split"][i]), int(batch["track"][i]), int(batch["order"][i]),
+                               bytes(batch["record"][i]))
+                tracks += kind in ("track", "skip")
+            audio_s = sum(float(f["seconds"]) for f in facts if f["kind"] == "track")
+            print(f"[musiclora] prepare: {tracks}/{len(rows)} tracks encoded, "
+                  f"{sum(f['kind'] == 'sample' for f in facts)} samples, {writer.written()} shards written, "
+                  f"{audio_s / max(time.time() - start, 1e-9):.1f} s of audio/s", flush=True)
+        shards = writer.finish()
+    finally:
+        ctx.execution_options.preserve_order = preserve
+        writer.pool.shutdown(wait=False, cancel_futures=True)
+    return facts, shards
 
 
 def build_manifest(

@@ -186,8 +186,8 @@ class AudioLDMFamily(ModelFamily):
         for i, seg in enumerate(segments):
             wav[i, : seg.num_valid] = normalize_waveform(seg.audio[: seg.num_valid])
         mel = pad_frames(waveform_to_log_mel(torch.from_numpy(wav), mel_basis()), factor)  # [B, T, 64]
-        vae_dtype = next(model.vae.parameters()).dtype
-        latents = model.vae.encode(mel[:, None].to(vae_dtype)).latent_dist.mode().float()  # [B, C, T/f, 64/f]
+        vae = next(model.vae.parameters())
+        latents = model.vae.encode(mel[:, None].to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()  # [B, C, T/f, 64/f]
         text = clap_text_embeddings(model.text_encoder, loaded.tokenizer, [s.caption for s in segments])
         audio, sources = None, ["none"] * len(segments)
         if self.options.condition == "audio" or any(s.meta.get("cond_audio") for s in segments):
@@ -254,7 +254,7 @@ class AudioLDMFamily(ModelFamily):
         x0 = batch["latents"].float() * float(inner.vae.config.scaling_factor)
         b = x0.shape[0]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long)
+        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long, device=x0.device)
         noisy = sched.add_noise(x0, noise, t)
         kind = sched.config.prediction_type
         if kind == "epsilon":
@@ -265,7 +265,7 @@ class AudioLDMFamily(ModelFamily):
             raise ValueError(f"scheduler prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
         cond = batch["cond"]
         if model.training and self.options.caption_dropout > 0:
-            drop = torch.rand(b) < self.options.caption_dropout
+            drop = torch.rand(b, device=cond.device) < self.options.caption_dropout
             cond = torch.where(drop[:, None], batch["uncond"], cond)
         pred = model(noisy.to(param.device, param.dtype), t.to(param.device), class_labels=cond.to(param.device, param.dtype))
         err = (pred.float() - target.to(param.device)) ** 2

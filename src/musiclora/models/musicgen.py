@@ -221,7 +221,7 @@ class MusicgenMelodyFamily(ModelFamily):
         """
         model = loaded.model
         wav = torch.from_numpy(np.stack([s.audio for s in segments])).float()
-        codes = model.audio_encoder.encode(wav[:, None, :].to(model.dtype)).audio_codes[0]  # [B, K, T]
+        codes = model.audio_encoder.encode(wav[:, None, :].to(model.device, model.dtype)).audio_codes[0].cpu()  # [B, K, T]
         melody = torch.from_numpy(np.stack([_melody_audio(s, self.sample_rate) for s in segments])).float()
         valid = torch.tensor([s.num_valid for s in segments])
         chroma = zero_padded_chroma(melody_chroma(melody, self.sample_rate), valid, CHROMA_HOP)
@@ -392,16 +392,32 @@ def _randomise_codebooks(model: nn.Module, seed: int) -> None:
 
 
 def _pad_id(model: nn.Module) -> int:
+    """The decoder's pad/BOS id of a (wrapped) MusicGen-Melody model (2048 for facebook/musicgen-melody)."""
     return int(_unwrap(model).config.decoder.pad_token_id)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under peft / DeepSpeed wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+    """The transformers `PreTrainedModel` under peft / DeepSpeed / DDP wrappers.
+
+    Unwraps by type, not by attribute: a `DeepSpeedEngine` has a `config` attribute too (its own
+    dict), so "has a config" does not mean "is the transformers model".
+
+    Raises:
+        TypeError: no transformers model inside `model`.
+    """
+    from transformers import PreTrainedModel
+
+    seen = model
+    for _ in range(8):
+        if isinstance(seen, PreTrainedModel):
+            return seen
+        if hasattr(seen, "get_base_model"):
+            seen = seen.get_base_model()
+        elif hasattr(seen, "module"):
+            seen = seen.module
+        else:
+            break
+    raise TypeError(f"expected a MusicGen-Melody transformers model (or a wrapper of one), got {type(model).__name__}")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

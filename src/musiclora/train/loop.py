@@ -22,7 +22,8 @@ from musiclora.config import TrainConfig
 from musiclora.data.shards import ShardStream, batches_forever, load_manifest, shard_urls
 from musiclora.models.families import get_family
 from musiclora.train import checkpoint as ckpt
-from musiclora.train.deepspeed import build_ds_config, model_dtype
+from musiclora.train.deepspeed import build_ds_config, build_optimizer, model_dtype
+from musiclora.train.device import batch_to_device, deepspeed_args, local_device, set_ds_accelerator
 from musiclora.train.schedule import lr_at
 from musiclora.train.validate import load_val_batches, validation_loss
 
@@ -31,11 +32,12 @@ STATE = ckpt.STATE
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is `TrainConfig.model_dump()`."""
+    cfg = TrainConfig.model_validate(config)
+    set_ds_accelerator(cfg.run.use_gpu)  # before DeepSpeed picks its accelerator
     import deepspeed
     import ray.train
     from peft import set_peft_model_state_dict
 
-    cfg = TrainConfig.model_validate(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     family = get_family(cfg.model.family)
@@ -59,9 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               flush=True)
 
     # 2. DeepSpeed ZeRO over the trainable parameters (torch.distributed is already up: gloo or nccl).
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg))
+    # The engine moves the model to this worker's device (its GPU under use_gpu, else the CPU).
+    optimizer = build_optimizer(model, cfg)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg),
+                                                   args=deepspeed_args(local_device()))
 
     # 3. This rank's share of the shards, as an endless stream of batches (same count on every rank).
     collate = lambda samples: family.collate(samples, loaded)
@@ -72,7 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_batches = []
     if cfg.run.eval_every and manifest["num_samples"].get("val", 0):
         val_batches = load_val_batches(shard_urls(cfg.data.shards_url, "val", manifest), rank, world,
-                                       cfg.data.batch_size, collate, cfg.data.val_batches)
+                                       cfg.data.batch_size, collate, cfg.data.val_batches, device=engine.device)
 
     # 4. The loop: one optimizer step per `grad_accum` micro-batches.
     window = {"t0": time.time(), "samples": 0, "tokens": 0, "wait": 0.0}
@@ -84,9 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.time()
             batch = next(batches)
             window["wait"] += time.time() - t0
-            loss = family.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(engine, family, batch)
             losses.append(loss.item())
             window["samples"] += cfg.data.batch_size * world
             window["tokens"] += family.num_tokens(batch) * world
@@ -114,6 +115,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_with_checkpoint(engine, cfg, family, rank, state, metrics, best)
         elif state["step"] % cfg.run.log_every == 0:
             ray.train.report(metrics)
+
+
+def train_step(engine, family, batch: dict[str, Any]) -> torch.Tensor:
+    """One micro-step: move the batch to the engine's device, loss, backward, step.
+
+    Args:
+        engine: the DeepSpeed engine (anything with `device`, `backward`, `step`, and a forward).
+        family: the model family whose `loss` runs.
+        batch: the family's `collate` output, on the CPU as the loader yields it.
+
+    Returns:
+        The float32 scalar loss on the engine's device (not yet synchronised to the host).
+    """
+    loss = family.loss(engine, batch_to_device(batch, engine.device))
+    engine.backward(loss)
+    engine.step()
+    return loss
 
 
 def _validate(engine, family, val_batches, cfg: TrainConfig, state: dict, metrics: dict) -> bool:

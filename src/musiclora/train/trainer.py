@@ -22,6 +22,7 @@ from musiclora.models.base import Loaded
 from musiclora.models.families import get_family
 from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, pyarrow_fs
 from musiclora.train.checkpoint import BEST, STATE
+from musiclora.train.device import ds_accelerator
 from musiclora.train.loop import train_loop_per_worker
 
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
@@ -129,10 +130,15 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, worker_start_
     )
 
 
-def worker_env() -> dict[str, str]:
-    """Environment the workers need (object store endpoint and keys, DeepSpeed's accelerator)."""
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment the workers need (object store endpoint and keys, DeepSpeed's accelerator).
+
+    Args:
+        use_gpu: the run's `run.use_gpu`; DS_ACCELERATOR is `cuda` for GPU runs and `cpu`
+            otherwise, whatever the driver's own environment says.
+    """
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    env["DS_ACCELERATOR"] = ds_accelerator(use_gpu)
     return env
 
 
@@ -149,7 +155,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None,
 
     checks = preflight(cfg)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": worker_env()})
+        ray.init(runtime_env={"env_vars": worker_env(cfg.run.use_gpu)})
     result = build_trainer(cfg, callbacks, worker_start_attempts).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint ({result.error})")

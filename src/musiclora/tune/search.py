@@ -178,7 +178,7 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     cfg = validate_config(base, TrainConfig)
     preflight(cfg)  # shards, targets, storage: once, before any trial
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": worker_env()})
+        ray.init(runtime_env={"env_vars": worker_env(bool(base.get("run", {}).get("use_gpu")))})
     fs, path = pyarrow_fs(tune_cfg.storage_path)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name,
                                                          worker_start_attempts=tune_cfg.worker_start_attempts),

@@ -3,6 +3,8 @@ MusicGen-Melody, the shard plan, the manifest."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -10,7 +12,7 @@ import soundfile as sf
 from musiclora.config import PrepareConfig
 from musiclora.data.augment import Augmentation, apply_augmentation, draw_augmentations
 from musiclora.data.prepare import EncodeTask, build_manifest, plan_shards, shard_name, track_segments
-from musiclora.data.shards import ShardStream, records_to_shard
+from musiclora.data.shards import ShardStream, records_to_shard, sample_record
 
 SR = 32_000
 
@@ -168,3 +170,68 @@ def test_manifest_lists_skips_and_counts(tmp_path):
     assert m["num_tracks"] == 1 and m["num_skipped"] == 2 and [s["path"] for s in m["skipped"]] == ["b.wav", "m.jsonl"]
     assert m["num_samples"] == {"train": 1, "val": 0} and m["audio_seconds"] == 2.0
     assert m["throughput"]["input_audio_s_per_s"] == 2.5 and m["feature_spec"] == {"codec": "encodec"}
+
+
+# --------------------------------------------------------------------------- streaming writer and encoder actors
+
+
+def test_streaming_cut_writes_the_shards_the_plan_names(tmp_path):
+    """Records streamed in (track, order) order land in exactly the shards `plan_shards` names,
+    each written as a readable tar as soon as it closes."""
+    from musiclora.data.prepare import StreamingShards
+
+    keys = [("train", t, o) for t in range(4) for o in range(3)] + [("val", 7, 0)]
+    records = {k: sample_record({"__key__": f"t{k[1]}_{k[2]}", "bin": b"x" * (100 + 700 * ((k[1] + k[2]) % 3))})
+               for k in keys}
+    plan = plan_shards(_facts([(*k, len(r)) for k, r in records.items()]), samples_per_shard=3, target_bytes=4200)
+    assert len(plan["train"]) > 4  # both the count and the size cap cut
+    writer = StreamingShards(3, 4200, str(tmp_path), threads=2)
+    for split, t, o in sorted(keys, key=lambda k: (k[1], k[2])):  # arrival: track order, splits interleaved
+        writer.add(split, t, o, records[(split, t, o)])
+    shards = writer.finish()
+    assert sorted(s["name"] for s in shards) == sorted(shard_name(sp, i) for sp, v in plan.items() for i in range(len(v)))
+    for s in shards:
+        data = (tmp_path / s["name"]).read_bytes()
+        assert len(data) == s["num_bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+    first = [d["__key__"] for d in ShardStream([str(tmp_path / "train-00001.tar")], num_samples=[1])][:1]
+    assert first == ["t{}_{}".format(*plan["train"][1])]
+
+
+def test_encoder_actors_take_gpus_and_bf16_only_when_configured(tmp_path):
+    import torch
+
+    from musiclora.data.prepare import encoder_device, encoder_resources
+
+    cpu = cfg(tmp_path)
+    assert encoder_resources(cpu) == {"num_cpus": 1.0} and encoder_device(cpu) == (torch.device("cpu"), torch.float32)
+    gpu = cpu.model_copy(update={"encoder_gpus": 0.5, "encoder_cpus": 4, "encode_precision": "bf16"})
+    assert encoder_resources(gpu) == {"num_cpus": 4, "num_gpus": 0.5}
+    expected = (torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32)
+    assert encoder_device(gpu) == expected
+
+
+@pytest.mark.parametrize("family", ["musicgen-melody", "audioldm"])
+def test_encode_segments_run_with_the_encoder_on_another_device(family, monkeypatch):
+    """A GPU encoder actor: the family moves the audio to the encoder's device and returns CPU
+    features. The encoder sits on `meta` here, so a CPU input fails and a CPU `.numpy()` of a
+    device tensor fails too; only the tensor plumbing is checked (meta holds no values)."""
+    import numpy as np
+    import torch
+
+    from musiclora.models.base import Segment
+    from musiclora.models.families import get_family
+
+    fam = get_family(family)
+    loaded = fam.load("tiny")
+    loaded.model.to("meta")  # as an actor's `.to(device)`
+    codec = loaded.model.audio_encoder if family == "musicgen-melody" else loaded.model.vae
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.extend(a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+
+    codec.encoder.register_forward_pre_hook(spy, with_kwargs=True)
+    seg = Segment("k", np.zeros(fam.sample_rate, np.float32), fam.sample_rate, "a tone")
+    with pytest.raises((NotImplementedError, RuntimeError)):  # meta has no values to copy back
+        fam.encode_segments(loaded, [seg])
+    assert seen and set(seen) == {"meta"}
