@@ -133,7 +133,7 @@ SERVE_GPU: dict[str, Any] = {
     "applications": [{
         "name": "musiclora",
         "args": {"models": [{"name": "musicgen-melody", "base": "facebook/musicgen-melody", "base_aliases": [],
-                             "torch_threads": 4}]},
+                             "torch_threads": 4, "device": "cuda", "dtype": "bfloat16"}]},
         "deployments": [{"name": "Model-musicgen-melody", "ray_actor_options": {"num_cpus": 4, "num_gpus": 1}}],
     }],
 }

@@ -306,6 +306,8 @@ def test_gpu_serving_reserves_a_gpu_per_model_replica():
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     (model,) = [d for d in app["deployments"] if d["name"].startswith("Model-")]
     assert model["ray_actor_options"]["num_gpus"] == 1
+    (served,) = app["args"]["models"]  # the model runs on the GPU it reserves, in bf16
+    assert served["device"] == "cuda" and served["dtype"] == "bfloat16"
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     cpus = float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert cpus >= model["ray_actor_options"]["num_cpus"]
