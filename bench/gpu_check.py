@@ -287,9 +287,12 @@ def _count_step_flops(engine, family, batch) -> int | None:
 
 def _generation(engine, family, loaded, args) -> dict[str, Any]:
     """Real-time factor of the family's `generate` with the trained adapter and with it disabled."""
+    from musiclora.models.base import GenerationRequest
+
     model = engine.module
     model.eval()
     duration = args.gen_seconds
+    request = GenerationRequest(prompt="a calm piano melody", duration_s=duration, seed=0)
     out: dict[str, Any] = {"duration_s": duration}
     runs = (("with_adapter", None), ("without_adapter", family.lora_root(model).disable_adapter))
     for key, ctx in runs:
@@ -297,10 +300,10 @@ def _generation(engine, family, loaded, args) -> dict[str, Any]:
             _sync(engine.device)
             t0 = time.time()
             if ctx is None:
-                wav, sr = family.generate(model, loaded.tokenizer, "a calm piano melody", duration, seed=0)
+                wav, sr = family.generate(model, loaded.tokenizer, request)
             else:
                 with ctx():
-                    wav, sr = family.generate(model, loaded.tokenizer, "a calm piano melody", duration, seed=0)
+                    wav, sr = family.generate(model, loaded.tokenizer, request)
             _sync(engine.device)
             wall = time.time() - t0
             audio_s = len(wav) / sr
