@@ -52,6 +52,9 @@ SPEC = {  # section -> family, train config it takes the adapter from, mode, tra
     "musicgen_lora": {"config": "musicgen_melody", "mode": "lora"},
     "musicgen_full": {"config": "musicgen_melody", "mode": "full", "full_prefix": "decoder."},
     "audioldm_lora": {"config": "audioldm", "mode": "lora"},
+    # variants of the LoRA step that show where its time goes (no generation; run them by name)
+    "musicgen_lora_b16": {"config": "musicgen_melody", "mode": "lora", "batch_scale": 2, "generate": False},
+    "musicgen_lora_nodrop": {"config": "musicgen_melody", "mode": "lora", "lora_dropout": 0.0, "generate": False},
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """Dense bf16 tensor-core peak per device, TFLOP/s (NVIDIA data sheets, without sparsity)."""
@@ -198,8 +201,11 @@ def run_section(name: str, args) -> dict[str, Any]:
     init_single_rank(device)
     family_name = "audioldm" if spec["config"] == "audioldm" else "musicgen-melody"
     batch_size = args.batch_size if family_name == "musicgen-melody" else args.audioldm_batch_size
+    batch_size *= spec.get("batch_scale", 1)
     seconds = args.seconds if family_name == "musicgen-melody" else args.audioldm_seconds
     cfg = _train_config(spec["config"], args.smoke, batch_size, device)
+    if "lora_dropout" in spec:
+        cfg.adapter.lora_dropout = spec["lora_dropout"]
     family = get_family(cfg.model.family).configure(cfg.model.options)
     dtype = model_dtype(cfg)
     t0 = time.time()
@@ -262,9 +268,31 @@ def run_section(name: str, args) -> dict[str, Any]:
     t0 = time.time()
     out["val_loss"] = validation_loss(engine, family, [batch, batch])
     out["val_s"] = time.time() - t0
-    if spec["mode"] == "lora" and not args.skip_generate:
+    if args.profile and device.type == "cuda":
+        out["profile"] = _profile_step(engine, family, batch, device)
+    if spec["mode"] == "lora" and spec.get("generate", True) and not args.skip_generate:
         out["generate"] = _generation(engine, family, loaded, args)
     return out
+
+
+def _profile_step(engine, family, batch, device, top: int = 20) -> dict[str, Any]:
+    """Where one training step's time goes: GPU busy share of the wall time and the top CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from musiclora.train.loop import train_step
+
+    _sync(device)
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(engine, family, batch)
+        _sync(device)
+    wall = time.time() - t0
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    busy_us = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {"wall_s": wall, "gpu_busy_s": busy_us / 1e6, "gpu_busy_share": busy_us / 1e6 / max(wall, 1e-9),
+            "kernels": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count,
+                         "share": e.self_device_time_total / max(busy_us, 1)} for e in events[:top]]}
 
 
 def _unwrap_base(root):
@@ -285,6 +313,21 @@ def _count_step_flops(engine, family, batch) -> int | None:
     return int(counter.get_total_flops())
 
 
+def _merged(root):
+    """Context: the active adapter folded into the base weights (peft `merge_adapter`), unfolded after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        root.merge_adapter()
+        try:
+            yield
+        finally:
+            root.unmerge_adapter()
+
+    return ctx
+
+
 def _generation(engine, family, loaded, args) -> dict[str, Any]:
     """Real-time factor of the family's `generate` with the trained adapter and with it disabled."""
     from musiclora.models.base import GenerationRequest
@@ -294,7 +337,10 @@ def _generation(engine, family, loaded, args) -> dict[str, Any]:
     duration = args.gen_seconds
     request = GenerationRequest(prompt="a calm piano melody", duration_s=duration, seed=0)
     out: dict[str, Any] = {"duration_s": duration}
-    runs = (("with_adapter", None), ("without_adapter", family.lora_root(model).disable_adapter))
+    root = family.lora_root(model)
+    warm = GenerationRequest(prompt="warm-up", duration_s=min(duration, 0.5), seed=0)
+    family.generate(model, loaded.tokenizer, warm)  # kernels and caches ready before anything is timed
+    runs = (("with_adapter", None), ("without_adapter", root.disable_adapter), ("with_adapter_merged", _merged(root)))
     for key, ctx in runs:
         try:
             _sync(engine.device)
@@ -335,7 +381,8 @@ def _child_args(args) -> list[str]:
         if getattr(args, key) is not None:
             out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     flags = {"--smoke": args.smoke, "--gradient-checkpointing": args.gradient_checkpointing,
-             "--no-count-flops": not args.count_flops, "--skip-generate": args.skip_generate}
+             "--no-count-flops": not args.count_flops, "--skip-generate": args.skip_generate,
+             "--profile": args.profile}
     return out + [flag for flag, on in flags.items() if on]
 
 
@@ -354,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--no-count-flops", dest="count_flops", action="store_false")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one step: GPU busy share, top CUDA kernels")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default by GPU name)")
     ap.add_argument("--section-timeout", type=int, default=300, help="seconds per section process")
     ap.add_argument("--section", help=argparse.SUPPRESS)
