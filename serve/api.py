@@ -413,7 +413,7 @@ class _Api:
             "X-Musiclora-Melody": "yes" if has_melody else "no",
             "X-Musiclora-Sample-Rate": str(result.sample_rate),
             "X-Musiclora-Audio-Duration-S": f"{result.num_samples / result.sample_rate:.3f}",
-            "X-Musiclora-Group-Size": str(result.group_size),
+            "X-Musiclora-Batch-Size": str(result.batch_size),
             "X-Musiclora-Latency-S": f"{took:.3f}",
         }
 

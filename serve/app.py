@@ -8,17 +8,16 @@ HTTP ─▶ Ingress (FastAPI, serve/api.py): key, limits, body, adapter checked 
           ▼
         Model-<name> × N replicas (autoscaling): base model once (serve/host.py ModelHost),
           adapters via @serve.multiplexed (LRU, max_adapters per replica), routed by adapter id,
-          requests batched by @serve.batch and run grouped by adapter
+          requests for any adapters batched together (serve/batcher.py) into one generation
 ```
 
-Batching and multiplexing: `@serve.batch` runs the batch handler in its own task, where
-`serve.get_multiplexed_model_id()` no longer names each request's adapter, and one batch can
-hold requests for several adapters. So `generate` reads the adapter id and loads the adapter in
-the request's own context, pins it (`ModelHost.hold`, so the LRU cannot detach it while queued),
-and hands `(adapter_id, params)` to the batch handler, which runs the batch grouped by adapter:
-one adapter switch per group, its requests back to back on the model thread. Requests are not
-fused into one tensor batch: sampling noise would then depend on the batch's other requests, and
-the same seed must give the same audio.
+Batching and multiplexing: `@serve.batch` splits each batch by multiplexed model id, so requests
+for different adapters would never share a batch. So `generate` reads the adapter id and loads the
+adapter in the request's own context, pins it (`ModelHost.hold`, so the LRU cannot detach it while
+queued), and hands `(adapter_id, params)` to the replica's `MixedBatcher`, whose batches run as one
+batched generation (`ModelHost.run` -> `family.generate_batch`): every row with its own adapter
+(peft's mixed adapter batches), seed and guidance, so a request gives the same audio alone and
+inside any batch.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from musiclora.adapter_registry import AdapterVersion
+from serve.batcher import MixedBatcher
 from serve.api import ApiSettings, Limits, Overloaded, ServedModel, build_api
 from serve.host import GenParams, GenResult, ModelHost
 
@@ -120,8 +120,7 @@ class ModelServer:
 
         # wired per instance so `max_adapters` comes from the config (Serve detects it at init)
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=args.max_adapters)(load_adapter)
-        self._batched.set_max_batch_size(args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.batcher = MixedBatcher(self._run_batch, args.max_batch_size, args.batch_wait_timeout_s)
 
     async def generate(self, params: GenParams) -> GenResult:
         """Generate one clip with the request's multiplexed adapter ('' = the base model)."""
@@ -129,13 +128,12 @@ class ModelServer:
         if adapter_id is not None:
             await self._get_adapter(adapter_id)
             self.host.hold(adapter_id)  # no await since the load: the LRU cannot have dropped it
-        result = await self._batched((adapter_id, params))
+        result = await self.batcher.submit((adapter_id, params))
         if isinstance(result, Exception):
             raise result
         return result
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
+    async def _run_batch(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
         return await asyncio.get_running_loop().run_in_executor(self.host.executor, self.host.run, items)
 
     def adapters(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""One base model held once, LoRA adapters attached and detached by id, requests run in groups.
+"""One base model held once, LoRA adapters attached and detached by id, requests run as one batch.
 
 `ModelHost` is the model side of the service, used by the Ray Serve model deployment
 (`serve/app.py`) and by the in-process backend of the tests and the UI's local mode. It only talks
@@ -6,21 +6,21 @@ to the family interface (`get_family(name).load / .attach_adapter / .detach_adap
 with a `GenerationRequest`), so every family works the same way.
 
 Threading: every touch of the model (attaching, detaching, switching and running adapters)
-happens on the host's single `executor` thread, so one replica never runs two adapters at once;
-downloads from the registry run in the caller's thread. Adapters are peft named adapters on one
-`PeftModel` over the family's LoRA root, so the base weights are in memory once. The model sits on
+happens on the host's single `executor` thread; downloads from the registry run in the caller's
+thread. Adapters are peft named adapters on one `PeftModel` over the family's LoRA root, so the base
+weights are in memory once. `run` hands a whole batch to `family.generate_batch`, one batched
+generation in which every row uses its own adapter (or none), seed and guidance scale, so a
+request gives the same audio alone and inside any batch. The model sits on
 the configured device (`device`, default cuda if available); only finished audio comes back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,8 +62,8 @@ class GenResult:
         num_samples: samples in the clip.
         adapter: `name@version` used, or None for the base.
         steps: the steps passed to the family, or None when the family takes none.
-        compute_s: seconds spent generating this clip.
-        group_size: requests for the same adapter run back to back with this one.
+        compute_s: seconds the batched generation this clip was part of took.
+        batch_size: requests generated together in that batch (any adapters).
     """
 
     audio: bytes
@@ -73,7 +73,7 @@ class GenResult:
     adapter: str | None
     steps: int | None
     compute_s: float
-    group_size: int
+    batch_size: int
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, audio_format: str = "wav") -> tuple[bytes, str]:
@@ -225,7 +225,7 @@ class ModelHost:
     # ------------------------------------------------------------------ generation
 
     def run(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
-        """Run requests grouped by adapter: one switch per adapter, its requests back to back.
+        """Run requests for any adapters (None: the base) as one batched generation.
 
         Call on `executor` only. Every adapter id must have been `hold`-ed once per item; the holds
         are released here. A failing request gives its exception in its slot; the others still run.
@@ -233,23 +233,47 @@ class ModelHost:
         Returns:
             one result (or exception) per item, in the order of `items`.
         """
-        groups: OrderedDict[str | None, list[int]] = OrderedDict()
-        for i, (adapter_id, _) in enumerate(items):
-            groups.setdefault(adapter_id, []).append(i)
-        out: list[GenResult | Exception] = [RuntimeError("not run")] * len(items)
-        for adapter_id, idx in groups.items():
-            try:
-                with self._activate(adapter_id):
-                    for i in idx:
-                        out[i] = self._generate_one(adapter_id, items[i][1], len(idx))
-            except Exception as exc:  # noqa: BLE001 - the error goes back to the group's callers
-                for i in idx:
-                    if not isinstance(out[i], GenResult):
-                        out[i] = exc
-            finally:
+        from musiclora.models.batching import BASE_ROW
+
+        out: list[GenResult | Exception | None] = [None] * len(items)
+        names: list[str] = []
+        with self._lock:
+            for i, (adapter_id, _) in enumerate(items):
+                state = self._attached.get(adapter_id) if adapter_id is not None else None
+                if adapter_id is not None and state is None:
+                    out[i] = AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
+                names.append(BASE_ROW if state is None else state.internal)
+        live = [i for i in range(len(items)) if out[i] is None]
+        try:
+            if live:
+                self._run_batch(items, names, live, out)
+        finally:
+            held: dict[str, int] = {}
+            for adapter_id, _ in items:
                 if adapter_id is not None:
-                    self._release(adapter_id, len(idx))
-        return out
+                    held[adapter_id] = held.get(adapter_id, 0) + 1
+            for adapter_id, n in held.items():
+                self._release(adapter_id, n)
+        return out  # type: ignore[return-value]
+
+    def _run_batch(self, items, names: list[str], live: list[int], out: list) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.family.generate_batch(
+                self._model, self.loaded.tokenizer, [items[i][1] for i in live], [names[i] for i in live]
+            )
+        except Exception as exc:  # noqa: BLE001 - the error goes back to the batch's callers
+            results = [exc] * len(live)
+        compute_s = time.perf_counter() - start
+        for i, result in zip(live, results):
+            if isinstance(result, Exception):
+                out[i] = result
+                continue
+            p = items[i][1]
+            audio, sr = result
+            data, media_type = encode_audio(audio, sr, p.audio_format)
+            out[i] = GenResult(data, media_type, int(sr), len(audio), items[i][0],
+                               p.steps if self.family.takes_steps else None, compute_s, len(live))
 
     def _release(self, adapter_id: str, n: int) -> None:
         with self._lock:
@@ -257,28 +281,3 @@ class ModelHost:
             if state is not None:
                 state.refs -= n
         self._detach_if_unused(adapter_id)
-
-    @contextlib.contextmanager
-    def _activate(self, adapter_id: str | None):
-        root = self.family.lora_root(self._model)
-        if adapter_id is None:
-            if getattr(root, "peft_config", None):
-                with root.disable_adapter():
-                    yield
-            else:
-                yield
-            return
-        with self._lock:
-            state = self._attached.get(adapter_id)
-        if state is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
-        root.set_adapter(state.internal)
-        yield
-
-    def _generate_one(self, adapter_id: str | None, p: GenParams, group_size: int) -> GenResult:
-        start = time.perf_counter()
-        audio, sr = self.family.generate(self._model, self.loaded.tokenizer, p)
-        compute_s = time.perf_counter() - start
-        data, media_type = encode_audio(audio, sr, p.audio_format)
-        return GenResult(data, media_type, int(sr), len(audio), adapter_id,
-                         p.steps if self.family.takes_steps else None, compute_s, group_size)

@@ -10,22 +10,29 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
+from functools import partial
 
 from musiclora.adapter_registry import AdapterVersion
 from serve.api import ApiSettings, Limits, ServedModel, build_api
+from serve.batcher import MixedBatcher
 from serve.host import GenParams, GenResult, ModelHost
 
 
 class LocalBackend:
-    """Runs requests on in-process `ModelHost`s, with an LRU of `max_adapters` adapters per host.
+    """Runs requests on in-process `ModelHost`s, with an LRU of `max_adapters` adapters per host and
+    one `MixedBatcher` per host (requests for any adapters batched together).
 
     Args:
         hosts: served model name -> its host.
         max_adapters: adapters kept attached per host.
+        max_batch_size / batch_wait_timeout_s: the batcher's (see `serve.batcher.MixedBatcher`).
     """
 
-    def __init__(self, hosts: dict[str, ModelHost], max_adapters: int = 4):
+    def __init__(self, hosts: dict[str, ModelHost], max_adapters: int = 4, max_batch_size: int = 4,
+                 batch_wait_timeout_s: float = 0.05):
         self.hosts, self.max_adapters = hosts, max_adapters
+        self.batchers = {name: MixedBatcher(partial(self._run_batch, host), max_batch_size, batch_wait_timeout_s)
+                         for name, host in hosts.items()}
         self._lru: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in hosts}
         self._locks = {name: asyncio.Lock() for name in hosts}
 
@@ -48,10 +55,14 @@ class LocalBackend:
         if adapter_id:
             await self._ensure(model, adapter_id)
             host.hold(adapter_id)
-        [result] = await asyncio.get_running_loop().run_in_executor(host.executor, host.run, [(adapter_id, params)])
+        result = await self.batchers[model].submit((adapter_id, params))
         if isinstance(result, Exception):
             raise result
         return result
+
+    @staticmethod
+    async def _run_batch(host: ModelHost, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(host.executor, host.run, items)
 
 
 def build_local_api(models: list[ServedModel], registry_url: str | None = None, limits: Limits | None = None,

@@ -184,3 +184,29 @@ def test_bounded_queue_answers_429_with_retry_after(world):
     assert sorted(set(codes)) == [200, 429], codes
     r429 = next(r for r in responses if r.status_code == 429)
     assert int(r429.headers["retry-after"]) >= 1 and "limit is 1" in json.loads(r429.content)["detail"]
+
+
+def test_requests_for_different_adapters_run_as_one_batch_with_their_solo_audio(world):
+    """Four concurrent requests (two adapters, the base, two seeds, two durations) share one batch
+    (the batch fills at 4, so no timing is involved) and each gets the audio it gets alone."""
+    settings = ApiSettings(models=[MODEL], registry_url=world["registry"].url, api_key=KEY,
+                           limits=LIMITS.model_copy(update={"max_pending": 8}))
+    app = build_api(LocalBackend({"mg": world["host"]}, max_adapters=2, max_batch_size=4, batch_wait_timeout_s=60),
+                    settings)
+    bodies = [{"adapter": "alpha", "seed": 5}, {"adapter": "beta", "seed": 5}, {"seed": 5}, {"adapter": "alpha", "seed": 7,
+                                                                                          "duration_s": 0.2}]
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/generate", headers=AUTH, json={"prompt": "calm piano",
+                                                                                     "duration_s": 0.3, **b})
+                                          for b in bodies])
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 4
+    assert [r.headers["x-musiclora-batch-size"] for r in responses] == ["4"] * 4
+    dirs = {"alpha": world["dirs"][0], "beta": world["dirs"][1], None: None}
+    for body, r in zip(bodies, responses):
+        want = reference_audio("tiny", dirs[body.get("adapter")], "calm piano", body.get("duration_s", 0.3), body["seed"])
+        np.testing.assert_allclose(wav_bytes_to_array(r.content)[0], want, atol=2 / 32768)

@@ -71,16 +71,16 @@ def test_host_keeps_an_evicted_adapter_until_its_queued_requests_ran(tmp_path):
     assert host.attached() == ["a@1"]
     params = GenParams("calm", duration_s=0.2, seed=1)
     [with_a, base] = run([("a@1", params), (None, params)])
-    assert with_a.adapter == "a@1" and base.adapter is None and with_a.group_size == 1
+    assert with_a.adapter == "a@1" and base.adapter is None and with_a.batch_size == 2
     assert host.attached() == []  # detached once its last request ran
     with pytest.raises(AdapterNotFoundError):
         host.hold("a@1")
-    # groups: requests for the same adapter run back to back with one switch
+    # one batched generation for all four, rows with and without the adapter
     host.load_blocking("a@1")
     for _ in range(3):
         host.hold("a@1")
     out = run([("a@1", params), (None, params), ("a@1", params), ("a@1", params)])
-    assert [r.group_size for r in out] == [3, 1, 3, 3]
+    assert [r.batch_size for r in out] == [4, 4, 4, 4]
     a_audio = [np.frombuffer(r.audio, np.uint8) for r in out]
     assert np.array_equal(a_audio[0], a_audio[2]) and not np.array_equal(a_audio[0], a_audio[1])
     with pytest.raises(AdapterNotFoundError):
