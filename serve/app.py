@@ -31,8 +31,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from musiclora.adapter_registry import AdapterVersion
-from serve.batcher import MixedBatcher
 from serve.api import ApiSettings, Limits, Overloaded, ServedModel, build_api
+from serve.batcher import MixedBatcher
 from serve.host import GenParams, GenResult, ModelHost
 
 INGRESS = "Ingress"

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, model_device
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
 from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
 from musiclora.models.chroma import melody_chroma, null_chroma, zero_padded_chroma
 from musiclora.models.tiny_tokenizer import build_t5_tokenizer

@@ -68,7 +68,7 @@ def test_musicgen_samples_the_same_codes_alone_and_in_the_batch(world):
     from musiclora.models.musicgen_sampling import sample_codes
 
     reqs = _requests(fam)
-    kw = dict(frame_rate=fam.frame_rate(_unwrap(model)), sample_rate=fam.sample_rate, text_tokens=MAX_TEXT_TOKENS)
+    kw = {"frame_rate": fam.frame_rate(_unwrap(model)), "sample_rate": fam.sample_rate, "text_tokens": MAX_TEXT_TOKENS}
     batch = sample_codes(_unwrap(model), fam.lora_root(model), tok, reqs, NAMES, **kw)
     for i, (req, name) in enumerate(zip(reqs, NAMES)):
         alone = sample_codes(_unwrap(model), fam.lora_root(model), tok, [req], [name], **kw)[0]
@@ -92,6 +92,5 @@ def test_unknown_row_adapter_is_refused_naming_it(world):
     fam, model, tok = world
     out = fam.generate_batch(model, tok, _requests(fam)[:2], ["a1", "nope"])
     assert isinstance(out[1], ValueError) and "nope" in str(out[1])
-    with pytest.raises(ValueError, match="no adapter attached"):
-        with row_adapters(torch.nn.Linear(2, 2), ["a1"]):
-            pass
+    with pytest.raises(ValueError, match="no adapter attached"), row_adapters(torch.nn.Linear(2, 2), ["a1"]):
+        pass
