@@ -69,7 +69,9 @@ class AppArgs(BaseModel):
         models: served base models; deployment `Model-<name>` each. The first serves requests
             without adapter or model.
         registry_url: adapter registry root (None: `$MUSICLORA_REGISTRY_URL` or s3://musiclora/registry).
-        api_key_env: environment variable holding the bearer key (unset or empty: no key required).
+        api_key_env: environment variable holding the bearer key, read on the ingress; when it is unset
+            or empty there the app refuses to start (fails closed). None (`api_key_env: null`) asks
+            for an open endpoint explicitly.
         limits: request limits and the bounded queue (serve/api.py `Limits`).
         registry_cache_s: seconds the ingress caches `latest` look-ups and misses.
     """
@@ -78,9 +80,43 @@ class AppArgs(BaseModel):
 
     models: list[ModelArgs] = Field(min_length=1)
     registry_url: str | None = None
-    api_key_env: str | None = "MUSICLORA_API_KEY"
+    api_key_env: str | None = Field("MUSICLORA_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     limits: Limits = Limits()
     registry_cache_s: float = Field(5.0, ge=0)
+
+
+class MissingApiKeyError(RuntimeError):
+    """`api_key_env` names a variable that is unset or empty where the ingress runs."""
+
+
+def read_api_key(api_key_env: str | None) -> str | None:
+    """The bearer key from `$api_key_env`, failing closed.
+
+    Returns:
+        the key, or None when `api_key_env` is None (an open endpoint, asked for explicitly).
+
+    Raises:
+        MissingApiKeyError: the variable is unset or blank (the message says how to fix it).
+    """
+    if api_key_env is None:
+        return None
+    key = os.environ.get(api_key_env, "").strip()
+    if not key:
+        raise MissingApiKeyError(
+            f"api_key_env names ${api_key_env}, which is unset or empty where the ingress runs: the endpoint would be "
+            f"open. Set {api_key_env} (a runtime_env env var, or Kubernetes Secret musiclora-api) or ask for an open "
+            "endpoint explicitly with `api_key_env: null` in serve/config.yaml"
+        )
+    return key
+
+
+def ingress_settings(settings: dict[str, Any], api_key_env: str | None) -> ApiSettings:
+    """The ingress's `ApiSettings`, with the key from `$api_key_env` (see `read_api_key`).
+
+    Raises:
+        MissingApiKeyError: as `read_api_key`.
+    """
+    return ApiSettings.model_validate({**settings, "api_key": read_api_key(api_key_env)})
 
 
 class _AdapterSlot:
@@ -177,8 +213,7 @@ class Ingress:
     """HTTP ingress: the FastAPI app of serve/api.py over `RayBackend`."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], settings: dict[str, Any], api_key_env: str | None):
-        key = os.environ.get(api_key_env) if api_key_env else None
-        self.settings = ApiSettings.model_validate({**settings, "api_key": key or None})
+        self.settings = ingress_settings(settings, api_key_env)  # fails closed: no ingress without the key
         self.backend = RayBackend(handles)
 
     def __serve_build_asgi_app__(self):

@@ -90,9 +90,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=33080)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--open", action="store_true", help="serve without an API key (else $MUSICLORA_API_KEY is required)")
     a = p.parse_args()
+    key = None if a.open else os.environ.get("MUSICLORA_API_KEY", "").strip()
+    if key == "":
+        p.error("$MUSICLORA_API_KEY is unset or empty: set it, or pass --open to serve without a key")
     model = ServedModel(name=a.name or a.family, family=a.family, base=a.base, base_aliases=["*"])
-    app = build_local_api([model], a.registry, api_key=os.environ.get("MUSICLORA_API_KEY") or None,
+    app = build_local_api([model], a.registry, api_key=key,
                           torch_threads=a.threads, device=a.device)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 

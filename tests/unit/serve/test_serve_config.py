@@ -104,3 +104,25 @@ def test_host_puts_the_model_on_its_device_and_dtype(tmp_path):
     assert params == ({"cpu"}, {torch.bfloat16}) and host.device == torch.device("cpu")
     with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
         ModelHost("musicgen-melody", "tiny", str(tmp_path / "registry"), device="tpu")
+
+
+def test_api_key_fails_closed(monkeypatch):
+    """An `api_key_env` naming an unset or blank variable stops the ingress from starting; only
+    `api_key_env: null` gives an open endpoint."""
+    from serve.app import MissingApiKeyError, ingress_settings, read_api_key
+
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    assert AppArgs.model_validate(args).api_key_env == "MUSICLORA_API_KEY"
+    settings = {"models": [{"name": "m", "family": "musicgen-melody", "base": "tiny"}]}
+    for value in (None, "", "   "):
+        if value is None:
+            monkeypatch.delenv("MUSICLORA_H6_KEY", raising=False)
+        else:
+            monkeypatch.setenv("MUSICLORA_H6_KEY", value)
+        with pytest.raises(MissingApiKeyError, match=r"MUSICLORA_H6_KEY.*api_key_env: null"):
+            ingress_settings(settings, "MUSICLORA_H6_KEY")
+    monkeypatch.setenv("MUSICLORA_H6_KEY", "k1")
+    assert ingress_settings(settings, "MUSICLORA_H6_KEY").api_key.get_secret_value() == "k1"
+    assert read_api_key(None) is None and ingress_settings(settings, None).api_key is None
+    with pytest.raises(ValidationError, match="api_key_env"):
+        AppArgs.model_validate({**args, "api_key_env": ""})
