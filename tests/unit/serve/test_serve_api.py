@@ -246,7 +246,7 @@ def test_hostile_uploads_are_refused_from_the_header_or_at_the_decode_limit(clie
 
 def test_uploads_are_decoded_only_behind_the_in_flight_gate(world, monkeypatch):
     """With the one in-flight slot taken, an upload gets 429 without being decoded."""
-    import serve.api as api
+    from serve import api
 
     decoded = []
     monkeypatch.setattr(api, "decode_upload", lambda data, limit: decoded.append(len(data)) or (np.zeros(800), 8000))
