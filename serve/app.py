@@ -51,6 +51,11 @@ class ModelArgs(ServedModel):
         device: where each replica runs the model: cpu, cuda or cuda:N (None: cuda if the replica
             sees a GPU, else cpu; a GPU needs `ray_actor_options.num_gpus` on the deployment).
         dtype: parameter dtype of the model.
+        lora_slots: LoRA slots per replica, created at start-up (serve/host.py `ModelHost`): an
+            adapter that fits is copied into one, so loads stay flat as adapters come and go
+            (None: max_adapters + max_batch_size, room for evicted adapters still queued; 0: off).
+        slot_rank: rank of the slots (adapters of rank <= slot_rank fit).
+        slot_targets: the slots' target modules: a family preset name or a module list.
     """
 
     revision: str | None = None
@@ -60,6 +65,9 @@ class ModelArgs(ServedModel):
     torch_threads: int | None = Field(1, ge=1)
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    lora_slots: int | None = Field(None, ge=0)
+    slot_rank: int = Field(8, ge=1)
+    slot_targets: str | list[str] = "attn"
 
 
 class AppArgs(BaseModel):
@@ -146,8 +154,10 @@ class ModelServer:
 
     def __init__(self, model: dict[str, Any], registry_url: str | None):
         args = ModelArgs.model_validate(model)
+        slots = args.max_adapters + args.max_batch_size if args.lora_slots is None else args.lora_slots
         self.host = ModelHost(args.family, args.base, registry_url, args.revision, args.torch_threads,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, lora_slots=slots, slot_rank=args.slot_rank,
+                              slot_targets=args.slot_targets)
 
         async def load_adapter(adapter_id: str) -> _AdapterSlot:
             local = await asyncio.to_thread(self.host.fetch, adapter_id)

@@ -113,13 +113,20 @@ class ModelHost:
         torch_threads: intra-op threads for torch (None: torch's default).
         device: cpu, cuda or cuda:N (None: cuda if available, else cpu).
         dtype: parameter dtype, float32, float16 or bfloat16.
+        lora_slots: LoRA slots created at start-up (`musiclora.models.lora_slots`): an adapter that
+            fits is copied into a free slot, so load time stays flat however many adapters came
+            and went; 0: every adapter goes through peft's `load_adapter`. Adapters that do not fit
+            (rank, targets, LoRA variant, no free slot) fall back to peft's path.
+        slot_rank: rank of the slots (adapters of lower rank are zero-padded).
+        slot_targets: the slots' target modules: a family preset name or a module list.
 
     Raises:
-        ValueError: unknown family, base, device or dtype.
+        ValueError: unknown family, base, device, dtype or slot preset.
     """
 
     def __init__(self, family: str, base: str, registry_url: str | None = None, revision: str | None = None,
-                 torch_threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+                 torch_threads: int | None = None, device: str | None = None, dtype: str = "float32",
+                 lora_slots: int = 0, slot_rank: int = 8, slot_targets: str | list[str] = "attn"):
         import torch
 
         from musiclora.adapters import load_for_inference
@@ -133,6 +140,13 @@ class ModelHost:
         self.registry = Registry(registry_url)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.family.name}")
         self._model = self.loaded.model  # what generates: the base, or the base with adapters attached
+        self.slots = None
+        if lora_slots:
+            from musiclora.models.lora_slots import LoraSlots
+
+            targets = self.family.target_modules(slot_targets) if isinstance(slot_targets, str) else list(slot_targets)
+            self.slots = LoraSlots(self.family.lora_root(self._model), lora_slots, slot_rank, targets)
+            self._model = self.family.with_lora_root(self._model, self.slots.root)
         self._attached: dict[str, _Attached] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -166,15 +180,24 @@ class ModelHost:
                     return
                 self._counter += 1
                 internal = f"adapter{self._counter}"
-            self._attach_on_model_thread(internal, local_dir, adapter_id)
+            internal = self._attach_on_model_thread(internal, local_dir, adapter_id)
             with self._lock:
                 self._attached[adapter_id] = _Attached(internal)
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
-    def _attach_on_model_thread(self, internal: str, local_dir: str, adapter_id: str) -> None:
+    def _attach_on_model_thread(self, internal: str, local_dir: str, adapter_id: str) -> str:
+        """Attach into a LoRA slot when one fits, else with peft; returns the peft adapter name."""
+        from musiclora.models.lora_slots import SlotMismatch
+
         try:
+            if self.slots is not None:
+                try:
+                    return self.slots.load(local_dir)
+                except SlotMismatch:
+                    pass  # peft's own path below
             self._model = self.family.attach_adapter(self._model, local_dir, internal)
+            return internal
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise AdapterLoadError(
                 f"adapter {adapter_id} cannot be loaded onto {self.family.name} base {self.base!r}: {exc}"
@@ -219,6 +242,9 @@ class ModelHost:
             if state is None or state.cached or state.refs:
                 return
             del self._attached[adapter_id]
+        if self.slots is not None and state.internal in self.slots:
+            self.slots.release(state.internal)
+            return
         # the last one takes LoRA off the model again (peft cannot run with no adapter left)
         self._model = self.family.detach_adapter(self._model, state.internal)
 

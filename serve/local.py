@@ -67,11 +67,13 @@ class LocalBackend:
 
 def build_local_api(models: list[ServedModel], registry_url: str | None = None, limits: Limits | None = None,
                     api_key: str | None = None, torch_threads: int | None = None, max_adapters: int = 4,
-                    device: str | None = None):
+                    device: str | None = None, lora_slots: int | None = None):
     """A FastAPI app serving `models` from this process (each base loaded once here, on `device`:
-    cpu, cuda or cuda:N; None: cuda if available, else cpu)."""
-    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads, device=device)
-             for m in models}
+    cpu, cuda or cuda:N; None: cuda if available, else cpu; `lora_slots`: see `ModelHost`, default
+    max_adapters + 4)."""
+    slots = max_adapters + 4 if lora_slots is None else lora_slots
+    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads, device=device,
+                               lora_slots=slots) for m in models}
     settings = ApiSettings(models=models, registry_url=registry_url, limits=limits or Limits(), api_key=api_key)
     return build_api(LocalBackend(hosts, max_adapters), settings)
 
