@@ -45,7 +45,8 @@ class LoraSlots:
         root: the `PeftModel` to put in place of the family's root (`ModelFamily.with_lora_root`).
 
     Raises:
-        ValueError: capacity or r below 1, a root that is a PeftModel already, or targets that
+        TypeError: a root that is a PeftModel already.
+        ValueError: capacity or r below 1, or targets that
             match no module (peft's message).
     """
 
@@ -56,7 +57,7 @@ class LoraSlots:
         if capacity < 1 or r < 1:
             raise ValueError(f"LoRA slots need capacity >= 1 and r >= 1, got {capacity} and {r}")
         if isinstance(root, PeftModel):
-            raise ValueError("LoRA slots go on a root without adapters")
+            raise TypeError("LoRA slots go on a root without adapters, not on a PeftModel")
         config = LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules), inference_mode=True)
         self.r = r
         self.names = [f"{SLOT_PREFIX}{i}" for i in range(capacity)]
