@@ -88,3 +88,16 @@ def _tok():
     from musiclora.models.musicgen import build_t5_tokenizer
 
     return build_t5_tokenizer()
+
+
+def test_audioldm_unet_slots_run_the_adapter_as_peft_does(tmp_path):
+    fam = get_family("audioldm")
+    req = GenerationRequest("calm piano", 0.3, seed=4, steps=3)
+    folder = make_random_adapter("tiny", str(tmp_path / "u"), 1, family="audioldm")
+    loaded = fam.load("tiny")
+    want = fam.generate(fam.attach_adapter(fam.load("tiny").model, folder, "x"), loaded.tokenizer, req)[0]
+    model = loaded.model
+    slots = LoraSlots(fam.lora_root(model), capacity=2, r=8, target_modules=fam.target_modules("attn"))
+    model = fam.with_lora_root(model, slots.root)
+    slot = slots.load(folder)
+    np.testing.assert_array_equal(fam.generate_batch(model, loaded.tokenizer, [req], [slot])[0][0], want)
