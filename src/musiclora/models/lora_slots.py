@@ -10,9 +10,13 @@ the tiny MusicGen-Melody the 100th `load_adapter` takes 10x the first (peft issu
 target modules; loading an adapter copies its safetensors into a free slot's `lora_A` / `lora_B`
 weights in place (zero-padded when its rank is lower) and sets the slot's scaling
 (lora_alpha / r, or / sqrt(r) with rsLoRA), from a module index built once: no module walk, no
-new module, so the load time stays flat however many adapters came and went, and a model compiled
-with torch.compile sees the same modules and parameters after a swap. A slot runs like any peft
-adapter (per-row `adapter_names` included); freeing one zeroes its B, a no-op adapter.
+new module, so the load time stays flat however many adapters came and went. A slot runs like any
+peft adapter (per-row `adapter_names` included); freeing one zeroes its B, a no-op adapter.
+
+torch.compile: a swap changes parameter values only, never modules, parameter identities or
+shapes, so it gives a compiled graph no reason to recompile. Serving does not compile today
+(CPU replicas; and peft's mixed-batch forward chooses rows per adapter name in Python, which
+would specialise a compiled graph on each batch's adapter mix), so this is not measured here.
 """
 
 from __future__ import annotations
