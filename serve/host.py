@@ -10,7 +10,9 @@ happens on the host's single `executor` thread; downloads from the registry run 
 thread. Adapters are peft named adapters on one `PeftModel` over the family's LoRA root, so the base
 weights are in memory once. `run` hands a whole batch to `family.generate_batch`, one batched
 generation in which every row uses its own adapter (or none), seed and guidance scale, so a
-request gives the same audio alone and inside any batch. The model sits on
+request gives the same audio alone and inside any batch. With `lora_slots`, adapters are copied
+into LoRA slots made at start-up (`musiclora.models.lora_slots`), so a load costs the same however
+many adapters came before; those that do not fit a slot go through peft's `load_adapter`. The model sits on
 the configured device (`device`, default cuda if available); only finished audio comes back.
 """
 
