@@ -2,8 +2,8 @@
 
 `ModelHost` is the model side of the service, used by the Ray Serve model deployment
 (`serve/app.py`) and by the in-process backend of the tests and the UI's local mode. It only talks
-to the family interface (`get_family(name).load / .attach_adapter / .detach_adapter / .generate`
-with a `GenerationRequest`), so every family works the same way.
+to the family interface (`get_family(name).load / .attach_adapter / .detach_adapter /
+.generate_batch` with `GenerationRequest`s), so every family works the same way.
 
 Threading: every touch of the model (attaching, detaching, switching and running adapters)
 happens on the host's single `executor` thread; downloads from the registry run in the caller's
@@ -12,8 +12,9 @@ weights are in memory once. `run` hands a whole batch to `family.generate_batch`
 generation in which every row uses its own adapter (or none), seed and guidance scale, so a
 request gives the same audio alone and inside any batch. With `lora_slots`, adapters are copied
 into LoRA slots made at start-up (`musiclora.models.lora_slots`), so a load costs the same however
-many adapters came before; those that do not fit a slot go through peft's `load_adapter`. The model sits on
-the configured device (`device`, default cuda if available); only finished audio comes back.
+many adapters came before; those that do not fit a slot go through peft's `load_adapter`. The
+model sits on the configured device (`device`, default cuda if available); only finished audio
+comes back.
 """
 
 from __future__ import annotations
