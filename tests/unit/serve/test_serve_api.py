@@ -37,7 +37,7 @@ def world(tmp_path_factory):
     dirs = [make_random_adapter("tiny", str(root / f"src{s}"), s) for s in (1, 2)]
     reg.publish(dirs[0], "alpha")
     reg.publish(dirs[1], "beta")
-    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1, lora_slots=2)  # 3rd adapter: peft's path
+    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1, lora_slots=2)
     return {"registry": reg, "dirs": dirs, "host": host}
 
 

@@ -126,3 +126,31 @@ def test_api_key_fails_closed(monkeypatch):
     assert read_api_key(None) is None and ingress_settings(settings, None).api_key is None
     with pytest.raises(ValidationError, match="api_key_env"):
         AppArgs.model_validate({**args, "api_key_env": ""})
+
+
+def test_host_runs_slot_and_peft_adapters_in_one_batch(tmp_path):
+    """One slot: the first adapter goes into it, the second through peft's load_adapter; a batch
+    with both and the base gives each request its reference audio; a freed slot is reused."""
+    from tests.serve_helpers import reference_audio, wav_bytes_to_array
+
+    reg = Registry(str(tmp_path / "registry"))
+    dirs = [make_random_adapter("tiny", str(tmp_path / n), s) for n, s in (("a", 3), ("b", 4))]
+    reg.publish(dirs[0], "a")
+    reg.publish(dirs[1], "b")
+    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1, lora_slots=1)
+    host.load_blocking("a@1")
+    host.load_blocking("b@1")
+    assert host.slots.free_count() == 0 and host._attached["a@1"].internal == "slot0"
+    assert host._attached["b@1"].internal != "slot0"  # peft's own named adapter
+    params = GenParams("calm", duration_s=0.2, seed=1)
+    host.hold("a@1")
+    host.hold("b@1")
+    out = host.executor.submit(host.run, [("a@1", params), ("b@1", params), (None, params)]).result()
+    for r, folder in zip(out, [dirs[0], dirs[1], None]):
+        np.testing.assert_allclose(wav_bytes_to_array(r.audio)[0], reference_audio("tiny", folder, "calm", 0.2, 1),
+                                   atol=2 / 32768)
+    host.uncache("a@1")
+    host.executor.submit(lambda: None).result()
+    assert host.slots.free_count() == 1 and host.attached() == ["b@1"]
+    host.load_blocking("a@1")
+    assert host._attached["a@1"].internal == "slot0"
