@@ -14,6 +14,10 @@ answered here with a 4xx and a reason before any model is touched:
 | wrong types, unknown fields, bad adapter reference (`../`, `/`, URLs ...), out-of-range values | 422 |
 | too many requests in flight (bounded queue) | 429 + Retry-After |
 
+A melody upload is read only behind the in-flight gate (`max_pending`): its duration comes from
+its header first and decoding stops at `max_melody_s` (serve/uploads.py), so a small compressed
+file cannot expand into gigabytes and a burst of uploads cannot decode past the gate.
+
 An adapter is checked against the registry here, before routing: an unknown id inside Serve's
 multiplexed loader would surface as a 500.
 """
@@ -24,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import io
 import json
 import logging
 import math
@@ -44,6 +47,7 @@ from musiclora.adapter_registry import (
     parse_ref,
 )
 from serve.host import AdapterLoadError, GenParams, GenResult
+from serve.uploads import UploadError, decode_upload
 
 log = logging.getLogger("musiclora.serve")
 
@@ -324,18 +328,13 @@ class _Api:
                 raise _fail(422, reason)
 
     def decode_melody(self, data: bytes) -> tuple[Any, int]:
-        from musiclora.audio import AudioDecodeError, load_audio, to_mono
-
+        """Bounded decode of a melody upload (serve/uploads.py); call behind the in-flight gate."""
         if len(data) > self.limits.max_upload_bytes:
             raise _fail(413, f"melody upload of {len(data)} bytes is over the limit of {self.limits.max_upload_bytes}")
         try:
-            wav, sr = load_audio(io.BytesIO(data), name="melody")
-        except (AudioDecodeError, RuntimeError, ValueError, EOFError) as exc:
-            raise _fail(415, f"melody is not decodable audio (WAV, FLAC, OGG or MP3 expected): {exc}") from exc
-        mono = to_mono(wav)
-        if len(mono) / sr > self.limits.max_melody_s:
-            raise _fail(413, f"melody is {len(mono) / sr:.1f} s long; the limit is {self.limits.max_melody_s} s")
-        return mono, int(sr)
+            return decode_upload(data, self.limits.max_melody_s)
+        except UploadError as exc:
+            raise _fail(exc.status, str(exc)) from exc
 
     async def route(self, req: GenerateRequest) -> tuple[ServedModel, AdapterVersion | None]:
         adapter = None
@@ -371,19 +370,19 @@ class _Api:
         self.check_key(request)
         req, upload = await self.parse(request)
         self.check_limits(req)
-        melody, melody_sr = await asyncio.to_thread(self.decode_melody, upload) if upload is not None else (None, None)
         model, adapter = await self.route(req)
         if self.pending >= self.limits.max_pending:
             raise _fail(429, f"{self.pending} requests in flight, the limit is {self.limits.max_pending}; retry later",
                         {"Retry-After": self.retry_after()})
-        try:
-            params = GenParams(req.prompt, req.duration_s, req.guidance_scale, req.seed, req.steps, melody, melody_sr,
-                               req.format)
-        except ValueError as exc:
-            raise _fail(422, str(exc)) from exc
-        self.pending += 1
+        self.pending += 1  # the gate: uploads are read and decoded only behind it
         start = time.perf_counter()
         try:
+            melody, melody_sr = await asyncio.to_thread(self.decode_melody, upload) if upload is not None else (None, None)
+            try:
+                params = GenParams(req.prompt, req.duration_s, req.guidance_scale, req.seed, req.steps, melody,
+                                   melody_sr, req.format)
+            except ValueError as exc:
+                raise _fail(422, str(exc)) from exc
             result = await asyncio.wait_for(self.backend.generate(model.name, adapter, params),
                                             self.limits.request_timeout_s)
         except Overloaded as exc:
@@ -413,7 +412,7 @@ class _Api:
             "X-Musiclora-Melody": "yes" if has_melody else "no",
             "X-Musiclora-Sample-Rate": str(result.sample_rate),
             "X-Musiclora-Audio-Duration-S": f"{result.num_samples / result.sample_rate:.3f}",
-            "X-Musiclora-Group-Size": str(result.group_size),
+            "X-Musiclora-Batch-Size": str(result.batch_size),
             "X-Musiclora-Latency-S": f"{took:.3f}",
         }
 

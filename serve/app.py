@@ -8,17 +8,16 @@ HTTP ─▶ Ingress (FastAPI, serve/api.py): key, limits, body, adapter checked 
           ▼
         Model-<name> × N replicas (autoscaling): base model once (serve/host.py ModelHost),
           adapters via @serve.multiplexed (LRU, max_adapters per replica), routed by adapter id,
-          requests batched by @serve.batch and run grouped by adapter
+          requests for any adapters batched together (serve/batcher.py) into one generation
 ```
 
-Batching and multiplexing: `@serve.batch` runs the batch handler in its own task, where
-`serve.get_multiplexed_model_id()` no longer names each request's adapter, and one batch can
-hold requests for several adapters. So `generate` reads the adapter id and loads the adapter in
-the request's own context, pins it (`ModelHost.hold`, so the LRU cannot detach it while queued),
-and hands `(adapter_id, params)` to the batch handler, which runs the batch grouped by adapter:
-one adapter switch per group, its requests back to back on the model thread. Requests are not
-fused into one tensor batch: sampling noise would then depend on the batch's other requests, and
-the same seed must give the same audio.
+Batching and multiplexing: `@serve.batch` splits each batch by multiplexed model id, so requests
+for different adapters would never share a batch. So `generate` reads the adapter id and loads the
+adapter in the request's own context, pins it (`ModelHost.hold`, so the LRU cannot detach it while
+queued), and hands `(adapter_id, params)` to the replica's `MixedBatcher`, whose batches run as one
+batched generation (`ModelHost.run` -> `family.generate_batch`): every row with its own adapter
+(peft's mixed adapter batches), seed and guidance, so a request gives the same audio alone and
+inside any batch.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from musiclora.adapter_registry import AdapterVersion
 from serve.api import ApiSettings, Limits, Overloaded, ServedModel, build_api
+from serve.batcher import MixedBatcher
 from serve.host import GenParams, GenResult, ModelHost
 
 INGRESS = "Ingress"
@@ -51,6 +51,11 @@ class ModelArgs(ServedModel):
         device: where each replica runs the model: cpu, cuda or cuda:N (None: cuda if the replica
             sees a GPU, else cpu; a GPU needs `ray_actor_options.num_gpus` on the deployment).
         dtype: parameter dtype of the model.
+        lora_slots: LoRA slots per replica, created at start-up (serve/host.py `ModelHost`): an
+            adapter that fits is copied into one, so loads stay flat as adapters come and go
+            (None: max_adapters + max_batch_size, room for evicted adapters still queued; 0: off).
+        slot_rank: rank of the slots (adapters of rank <= slot_rank fit).
+        slot_targets: the slots' target modules: a family preset name or a module list.
     """
 
     revision: str | None = None
@@ -60,6 +65,9 @@ class ModelArgs(ServedModel):
     torch_threads: int | None = Field(1, ge=1)
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:[0-9]+)?)$")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    lora_slots: int | None = Field(None, ge=0)
+    slot_rank: int = Field(8, ge=1)
+    slot_targets: str | list[str] = "attn"
 
 
 class AppArgs(BaseModel):
@@ -69,7 +77,9 @@ class AppArgs(BaseModel):
         models: served base models; deployment `Model-<name>` each. The first serves requests
             without adapter or model.
         registry_url: adapter registry root (None: `$MUSICLORA_REGISTRY_URL` or s3://musiclora/registry).
-        api_key_env: environment variable holding the bearer key (unset or empty: no key required).
+        api_key_env: environment variable holding the bearer key, read on the ingress; when it is unset
+            or empty there the app refuses to start (fails closed). None (`api_key_env: null`) asks
+            for an open endpoint explicitly.
         limits: request limits and the bounded queue (serve/api.py `Limits`).
         registry_cache_s: seconds the ingress caches `latest` look-ups and misses.
     """
@@ -78,9 +88,43 @@ class AppArgs(BaseModel):
 
     models: list[ModelArgs] = Field(min_length=1)
     registry_url: str | None = None
-    api_key_env: str | None = "MUSICLORA_API_KEY"
+    api_key_env: str | None = Field("MUSICLORA_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     limits: Limits = Limits()
     registry_cache_s: float = Field(5.0, ge=0)
+
+
+class MissingApiKeyError(RuntimeError):
+    """`api_key_env` names a variable that is unset or empty where the ingress runs."""
+
+
+def read_api_key(api_key_env: str | None) -> str | None:
+    """The bearer key from `$api_key_env`, failing closed.
+
+    Returns:
+        the key, or None when `api_key_env` is None (an open endpoint, asked for explicitly).
+
+    Raises:
+        MissingApiKeyError: the variable is unset or blank (the message says how to fix it).
+    """
+    if api_key_env is None:
+        return None
+    key = os.environ.get(api_key_env, "").strip()
+    if not key:
+        raise MissingApiKeyError(
+            f"api_key_env names ${api_key_env}, which is unset or empty where the ingress runs: the endpoint would be "
+            f"open. Set {api_key_env} (a runtime_env env var, or Kubernetes Secret musiclora-api) or ask for an open "
+            "endpoint explicitly with `api_key_env: null` in serve/config.yaml"
+        )
+    return key
+
+
+def ingress_settings(settings: dict[str, Any], api_key_env: str | None) -> ApiSettings:
+    """The ingress's `ApiSettings`, with the key from `$api_key_env` (see `read_api_key`).
+
+    Raises:
+        MissingApiKeyError: as `read_api_key`.
+    """
+    return ApiSettings.model_validate({**settings, "api_key": read_api_key(api_key_env)})
 
 
 class _AdapterSlot:
@@ -110,8 +154,10 @@ class ModelServer:
 
     def __init__(self, model: dict[str, Any], registry_url: str | None):
         args = ModelArgs.model_validate(model)
+        slots = args.max_adapters + args.max_batch_size if args.lora_slots is None else args.lora_slots
         self.host = ModelHost(args.family, args.base, registry_url, args.revision, args.torch_threads,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, lora_slots=slots, slot_rank=args.slot_rank,
+                              slot_targets=args.slot_targets)
 
         async def load_adapter(adapter_id: str) -> _AdapterSlot:
             local = await asyncio.to_thread(self.host.fetch, adapter_id)
@@ -120,8 +166,7 @@ class ModelServer:
 
         # wired per instance so `max_adapters` comes from the config (Serve detects it at init)
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=args.max_adapters)(load_adapter)
-        self._batched.set_max_batch_size(args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.batcher = MixedBatcher(self._run_batch, args.max_batch_size, args.batch_wait_timeout_s)
 
     async def generate(self, params: GenParams) -> GenResult:
         """Generate one clip with the request's multiplexed adapter ('' = the base model)."""
@@ -129,13 +174,12 @@ class ModelServer:
         if adapter_id is not None:
             await self._get_adapter(adapter_id)
             self.host.hold(adapter_id)  # no await since the load: the LRU cannot have dropped it
-        result = await self._batched((adapter_id, params))
+        result = await self.batcher.submit((adapter_id, params))
         if isinstance(result, Exception):
             raise result
         return result
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
+    async def _run_batch(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
         return await asyncio.get_running_loop().run_in_executor(self.host.executor, self.host.run, items)
 
     def adapters(self) -> list[str]:
@@ -179,8 +223,7 @@ class Ingress:
     """HTTP ingress: the FastAPI app of serve/api.py over `RayBackend`."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], settings: dict[str, Any], api_key_env: str | None):
-        key = os.environ.get(api_key_env) if api_key_env else None
-        self.settings = ApiSettings.model_validate({**settings, "api_key": key or None})
+        self.settings = ingress_settings(settings, api_key_env)  # fails closed: no ingress without the key
         self.backend = RayBackend(handles)
 
     def __serve_build_asgi_app__(self):

@@ -1,26 +1,29 @@
-"""One base model held once, LoRA adapters attached and detached by id, requests run in groups.
+"""One base model held once, LoRA adapters attached and detached by id, requests run as one batch.
 
 `ModelHost` is the model side of the service, used by the Ray Serve model deployment
 (`serve/app.py`) and by the in-process backend of the tests and the UI's local mode. It only talks
-to the family interface (`get_family(name).load / .attach_adapter / .detach_adapter / .generate`
-with a `GenerationRequest`), so every family works the same way.
+to the family interface (`get_family(name).load / .attach_adapter / .detach_adapter /
+.generate_batch` with `GenerationRequest`s), so every family works the same way.
 
 Threading: every touch of the model (attaching, detaching, switching and running adapters)
-happens on the host's single `executor` thread, so one replica never runs two adapters at once;
-downloads from the registry run in the caller's thread. Adapters are peft named adapters on one
-`PeftModel` over the family's LoRA root, so the base weights are in memory once. The model sits on
-the configured device (`device`, default cuda if available); only finished audio comes back.
+happens on the host's single `executor` thread; downloads from the registry run in the caller's
+thread. Adapters are peft named adapters on one `PeftModel` over the family's LoRA root, so the base
+weights are in memory once. `run` hands a whole batch to `family.generate_batch`, one batched
+generation in which every row uses its own adapter (or none), seed and guidance scale, so a
+request gives the same audio alone and inside any batch. With `lora_slots`, adapters are copied
+into LoRA slots made at start-up (`musiclora.models.lora_slots`), so a load costs the same however
+many adapters came before; those that do not fit a slot go through peft's `load_adapter`. The
+model sits on the configured device (`device`, default cuda if available); only finished audio
+comes back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,8 +65,8 @@ class GenResult:
         num_samples: samples in the clip.
         adapter: `name@version` used, or None for the base.
         steps: the steps passed to the family, or None when the family takes none.
-        compute_s: seconds spent generating this clip.
-        group_size: requests for the same adapter run back to back with this one.
+        compute_s: seconds the batched generation this clip was part of took.
+        batch_size: requests generated together in that batch (any adapters).
     """
 
     audio: bytes
@@ -73,7 +76,7 @@ class GenResult:
     adapter: str | None
     steps: int | None
     compute_s: float
-    group_size: int
+    batch_size: int
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, audio_format: str = "wav") -> tuple[bytes, str]:
@@ -113,13 +116,20 @@ class ModelHost:
         torch_threads: intra-op threads for torch (None: torch's default).
         device: cpu, cuda or cuda:N (None: cuda if available, else cpu).
         dtype: parameter dtype, float32, float16 or bfloat16.
+        lora_slots: LoRA slots created at start-up (`musiclora.models.lora_slots`): an adapter that
+            fits is copied into a free slot, so load time stays flat however many adapters came
+            and went; 0: every adapter goes through peft's `load_adapter`. Adapters that do not fit
+            (rank, targets, LoRA variant, no free slot) fall back to peft's path.
+        slot_rank: rank of the slots (adapters of lower rank are zero-padded).
+        slot_targets: the slots' target modules: a family preset name or a module list.
 
     Raises:
-        ValueError: unknown family, base, device or dtype.
+        ValueError: unknown family, base, device, dtype or slot preset.
     """
 
     def __init__(self, family: str, base: str, registry_url: str | None = None, revision: str | None = None,
-                 torch_threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+                 torch_threads: int | None = None, device: str | None = None, dtype: str = "float32",
+                 lora_slots: int = 0, slot_rank: int = 8, slot_targets: str | list[str] = "attn"):
         import torch
 
         from musiclora.adapters import load_for_inference
@@ -133,6 +143,13 @@ class ModelHost:
         self.registry = Registry(registry_url)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.family.name}")
         self._model = self.loaded.model  # what generates: the base, or the base with adapters attached
+        self.slots = None
+        if lora_slots:
+            from musiclora.models.lora_slots import LoraSlots
+
+            targets = self.family.target_modules(slot_targets) if isinstance(slot_targets, str) else list(slot_targets)
+            self.slots = LoraSlots(self.family.lora_root(self._model), lora_slots, slot_rank, targets)
+            self._model = self.family.with_lora_root(self._model, self.slots.root)
         self._attached: dict[str, _Attached] = {}
         self._lock = threading.Lock()
         self._counter = 0
@@ -166,15 +183,24 @@ class ModelHost:
                     return
                 self._counter += 1
                 internal = f"adapter{self._counter}"
-            self._attach_on_model_thread(internal, local_dir, adapter_id)
+            internal = self._attach_on_model_thread(internal, local_dir, adapter_id)
             with self._lock:
                 self._attached[adapter_id] = _Attached(internal)
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
 
-    def _attach_on_model_thread(self, internal: str, local_dir: str, adapter_id: str) -> None:
+    def _attach_on_model_thread(self, internal: str, local_dir: str, adapter_id: str) -> str:
+        """Attach into a LoRA slot when one fits, else with peft; returns the peft adapter name."""
+        from musiclora.models.lora_slots import SlotMismatch
+
         try:
+            if self.slots is not None:
+                try:
+                    return self.slots.load(local_dir)
+                except SlotMismatch:
+                    pass  # peft's own path below
             self._model = self.family.attach_adapter(self._model, local_dir, internal)
+            return internal
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise AdapterLoadError(
                 f"adapter {adapter_id} cannot be loaded onto {self.family.name} base {self.base!r}: {exc}"
@@ -219,13 +245,16 @@ class ModelHost:
             if state is None or state.cached or state.refs:
                 return
             del self._attached[adapter_id]
+        if self.slots is not None and state.internal in self.slots:
+            self.slots.release(state.internal)
+            return
         # the last one takes LoRA off the model again (peft cannot run with no adapter left)
         self._model = self.family.detach_adapter(self._model, state.internal)
 
     # ------------------------------------------------------------------ generation
 
     def run(self, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
-        """Run requests grouped by adapter: one switch per adapter, its requests back to back.
+        """Run requests for any adapters (None: the base) as one batched generation.
 
         Call on `executor` only. Every adapter id must have been `hold`-ed once per item; the holds
         are released here. A failing request gives its exception in its slot; the others still run.
@@ -233,23 +262,47 @@ class ModelHost:
         Returns:
             one result (or exception) per item, in the order of `items`.
         """
-        groups: OrderedDict[str | None, list[int]] = OrderedDict()
-        for i, (adapter_id, _) in enumerate(items):
-            groups.setdefault(adapter_id, []).append(i)
-        out: list[GenResult | Exception] = [RuntimeError("not run")] * len(items)
-        for adapter_id, idx in groups.items():
-            try:
-                with self._activate(adapter_id):
-                    for i in idx:
-                        out[i] = self._generate_one(adapter_id, items[i][1], len(idx))
-            except Exception as exc:  # noqa: BLE001 - the error goes back to the group's callers
-                for i in idx:
-                    if not isinstance(out[i], GenResult):
-                        out[i] = exc
-            finally:
+        from musiclora.models.batching import BASE_ROW
+
+        out: list[GenResult | Exception | None] = [None] * len(items)
+        names: list[str] = []
+        with self._lock:
+            for i, (adapter_id, _) in enumerate(items):
+                state = self._attached.get(adapter_id) if adapter_id is not None else None
+                if adapter_id is not None and state is None:
+                    out[i] = AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
+                names.append(BASE_ROW if state is None else state.internal)
+        live = [i for i in range(len(items)) if out[i] is None]
+        try:
+            if live:
+                self._run_batch(items, names, live, out)
+        finally:
+            held: dict[str, int] = {}
+            for adapter_id, _ in items:
                 if adapter_id is not None:
-                    self._release(adapter_id, len(idx))
-        return out
+                    held[adapter_id] = held.get(adapter_id, 0) + 1
+            for adapter_id, n in held.items():
+                self._release(adapter_id, n)
+        return out  # type: ignore[return-value]
+
+    def _run_batch(self, items, names: list[str], live: list[int], out: list) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.family.generate_batch(
+                self._model, self.loaded.tokenizer, [items[i][1] for i in live], [names[i] for i in live]
+            )
+        except Exception as exc:  # noqa: BLE001 - the error goes back to the batch's callers
+            results = [exc] * len(live)
+        compute_s = time.perf_counter() - start
+        for i, result in zip(live, results):
+            if isinstance(result, Exception):
+                out[i] = result
+                continue
+            p = items[i][1]
+            audio, sr = result
+            data, media_type = encode_audio(audio, sr, p.audio_format)
+            out[i] = GenResult(data, media_type, int(sr), len(audio), items[i][0],
+                               p.steps if self.family.takes_steps else None, compute_s, len(live))
 
     def _release(self, adapter_id: str, n: int) -> None:
         with self._lock:
@@ -257,28 +310,3 @@ class ModelHost:
             if state is not None:
                 state.refs -= n
         self._detach_if_unused(adapter_id)
-
-    @contextlib.contextmanager
-    def _activate(self, adapter_id: str | None):
-        root = self.family.lora_root(self._model)
-        if adapter_id is None:
-            if getattr(root, "peft_config", None):
-                with root.disable_adapter():
-                    yield
-            else:
-                yield
-            return
-        with self._lock:
-            state = self._attached.get(adapter_id)
-        if state is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id} is not loaded on this replica")
-        root.set_adapter(state.internal)
-        yield
-
-    def _generate_one(self, adapter_id: str | None, p: GenParams, group_size: int) -> GenResult:
-        start = time.perf_counter()
-        audio, sr = self.family.generate(self._model, self.loaded.tokenizer, p)
-        compute_s = time.perf_counter() - start
-        data, media_type = encode_audio(audio, sr, p.audio_format)
-        return GenResult(data, media_type, int(sr), len(audio), adapter_id,
-                         p.steps if self.family.takes_steps else None, compute_s, group_size)

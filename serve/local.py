@@ -10,22 +10,29 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
+from functools import partial
 
 from musiclora.adapter_registry import AdapterVersion
 from serve.api import ApiSettings, Limits, ServedModel, build_api
+from serve.batcher import MixedBatcher
 from serve.host import GenParams, GenResult, ModelHost
 
 
 class LocalBackend:
-    """Runs requests on in-process `ModelHost`s, with an LRU of `max_adapters` adapters per host.
+    """Runs requests on in-process `ModelHost`s, with an LRU of `max_adapters` adapters per host and
+    one `MixedBatcher` per host (requests for any adapters batched together).
 
     Args:
         hosts: served model name -> its host.
         max_adapters: adapters kept attached per host.
+        max_batch_size / batch_wait_timeout_s: the batcher's (see `serve.batcher.MixedBatcher`).
     """
 
-    def __init__(self, hosts: dict[str, ModelHost], max_adapters: int = 4):
+    def __init__(self, hosts: dict[str, ModelHost], max_adapters: int = 4, max_batch_size: int = 4,
+                 batch_wait_timeout_s: float = 0.05):
         self.hosts, self.max_adapters = hosts, max_adapters
+        self.batchers = {name: MixedBatcher(partial(self._run_batch, host), max_batch_size, batch_wait_timeout_s)
+                         for name, host in hosts.items()}
         self._lru: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in hosts}
         self._locks = {name: asyncio.Lock() for name in hosts}
 
@@ -48,19 +55,25 @@ class LocalBackend:
         if adapter_id:
             await self._ensure(model, adapter_id)
             host.hold(adapter_id)
-        [result] = await asyncio.get_running_loop().run_in_executor(host.executor, host.run, [(adapter_id, params)])
+        result = await self.batchers[model].submit((adapter_id, params))
         if isinstance(result, Exception):
             raise result
         return result
 
+    @staticmethod
+    async def _run_batch(host: ModelHost, items: list[tuple[str | None, GenParams]]) -> list[GenResult | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(host.executor, host.run, items)
+
 
 def build_local_api(models: list[ServedModel], registry_url: str | None = None, limits: Limits | None = None,
                     api_key: str | None = None, torch_threads: int | None = None, max_adapters: int = 4,
-                    device: str | None = None):
+                    device: str | None = None, lora_slots: int | None = None):
     """A FastAPI app serving `models` from this process (each base loaded once here, on `device`:
-    cpu, cuda or cuda:N; None: cuda if available, else cpu)."""
-    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads, device=device)
-             for m in models}
+    cpu, cuda or cuda:N; None: cuda if available, else cpu; `lora_slots`: see `ModelHost`, default
+    max_adapters + 4)."""
+    slots = max_adapters + 4 if lora_slots is None else lora_slots
+    hosts = {m.name: ModelHost(m.family, m.base, registry_url, torch_threads=torch_threads, device=device,
+                               lora_slots=slots) for m in models}
     settings = ApiSettings(models=models, registry_url=registry_url, limits=limits or Limits(), api_key=api_key)
     return build_api(LocalBackend(hosts, max_adapters), settings)
 
@@ -79,9 +92,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=33080)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--open", action="store_true", help="serve without an API key (else $MUSICLORA_API_KEY is required)")
     a = p.parse_args()
+    key = None if a.open else os.environ.get("MUSICLORA_API_KEY", "").strip()
+    if key == "":
+        p.error("$MUSICLORA_API_KEY is unset or empty: set it, or pass --open to serve without a key")
     model = ServedModel(name=a.name or a.family, family=a.family, base=a.base, base_aliases=["*"])
-    app = build_local_api([model], a.registry, api_key=os.environ.get("MUSICLORA_API_KEY") or None,
+    app = build_local_api([model], a.registry, api_key=key,
                           torch_threads=a.threads, device=a.device)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 

@@ -278,14 +278,8 @@ class AudioLDMFamily(ModelFamily):
     def generate(self, model, tokenizer, request: GenerationRequest) -> tuple[np.ndarray, int]:
         """Sample audio from text or from a reference clip, with classifier-free guidance.
 
-        DDIM (eta 0) over `request.steps` steps (default `DEFAULT_STEPS`) from Gaussian latents
-        drawn by a CPU generator seeded with `request.seed`, then moved to the UNet's device (so a
-        seed gives the same audio on a given device); guidance eps = eps_u + w (eps_c - eps_u)
-        against the empty prompt's embedding (Ho & Salimans 2022, as diffusers' AudioLDMPipeline),
-        off for w <= 1; then VAE decoder -> log-mel -> HiFi-GAN vocoder. `request.melody`, when
-        given, is a reference clip whose CLAP audio embedding conditions instead of the prompt
-        (audio-to-music, e.g. a vocal take). Everything runs on the model's device; only the
-        finished waveform comes back to the CPU.
+        One request of `generate_batch` with the model's active adapter (the same request and seed
+        give the same audio alone and inside any batch).
 
         Returns:
             (float32 waveform [round(duration_s * 16000)] on the CPU, 16000).
@@ -293,39 +287,96 @@ class AudioLDMFamily(ModelFamily):
         Raises:
             ValueError: a reference clip that is silent or too short (< 0.1 s).
         """
-        steps = DEFAULT_STEPS if request.steps is None else request.steps
+        result = self.generate_batch(model, tokenizer, [request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def generate_batch(self, model, tokenizer, requests: list[GenerationRequest],
+                       adapter_names: list[str] | None = None) -> list[tuple[np.ndarray, int] | Exception]:
+        """Denoise a batch of requests together, each row with its own adapter, seed and guidance.
+
+        DDIM (eta 0) over `steps` steps (default `DEFAULT_STEPS`) from Gaussian latents drawn per
+        request by a CPU generator seeded with its seed, then moved to the UNet's device; guidance
+        eps = eps_u + w (eps_c - eps_u) against the empty prompt's embedding, run with the
+        request's own adapter (Ho & Salimans 2022, as diffusers' AudioLDMPipeline), off for w <= 1;
+        then VAE decoder -> log-mel -> HiFi-GAN vocoder per request. `melody`, when given, is a
+        reference clip whose CLAP audio embedding conditions instead of the prompt. Requests share
+        one denoising loop per (latent length, steps) bucket: the UNet's convolutions would mix a
+        padded row with its padding, and DDIM's timesteps depend on the step count.
+
+        Args:
+            requests: what to generate.
+            adapter_names: per request, peft adapter name or `batching.BASE_ROW` (None: the
+                active adapter).
+
+        Returns:
+            per request, (float32 waveform [round(duration_s * 16000)] on the CPU, 16000), or the
+            exception it raised (ValueError: a reference clip that is silent or too short).
+        """
         inner = _container(model)
+        out: list[Any] = [None] * len(requests)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            try:
+                cond = (self.reference_embedding(inner, r.melody, r.melody_sample_rate) if r.melody is not None
+                        else clap_text_embeddings(inner.text_encoder, tokenizer, [r.prompt]))
+            except ValueError as exc:
+                out[i] = exc
+                continue
+            out[i] = cond
+            key = (mel_frames_for(r.duration_s, inner.vae_scale_factor), DEFAULT_STEPS if r.steps is None else r.steps)
+            buckets.setdefault(key, []).append(i)
+        for (frames, steps), idx in buckets.items():
+            names = None if adapter_names is None else [adapter_names[i] for i in idx]
+            try:
+                wavs = self._denoise(inner, [requests[i] for i in idx], [out[i] for i in idx], names, frames, steps)
+            except (ValueError, RuntimeError) as exc:
+                wavs = [exc] * len(idx)
+            for i, wav in zip(idx, wavs):
+                out[i] = wav
+        return out
+
+    def _denoise(self, inner: AudioLDM, requests: list[GenerationRequest], conds: list[torch.Tensor],
+                 names: list[str] | None, frames: int, steps: int) -> list[tuple[np.ndarray, int]]:
+        """One DDIM loop over requests of equal latent length and steps; conds are float32 [1, D] each."""
+        from musiclora.models.batching import row_adapters
+
         param = next(p for p in inner.unet.parameters())
-        if request.melody is not None:
-            cond = self.reference_embedding(inner, request.melody, request.melody_sample_rate)
-        else:
-            cond = clap_text_embeddings(inner.text_encoder, tokenizer, [request.prompt])
-        uncond = inner.extras["uncond"].float()[None].to(cond.device)
         factor = inner.vae_scale_factor
-        frames = mel_frames_for(request.duration_s, factor)
         sched = copy.deepcopy(inner.scheduler)
         sched.set_timesteps(steps)
-        gen = torch.Generator().manual_seed(request.seed)
         shape = (1, int(_unet_config(inner).in_channels), frames // factor, N_MELS // factor)
-        latents = (torch.randn(shape, generator=gen) * sched.init_noise_sigma).to(param.device)
-        w = request.guidance_scale
-        guided = w > 1.0
-        labels = (torch.cat([uncond, cond]) if guided else cond).to(param.device, param.dtype)
-        for t in sched.timesteps:
-            x = torch.cat([latents, latents]) if guided else latents
-            x = sched.scale_model_input(x, t)
-            step_t = torch.full((x.shape[0],), int(t), dtype=torch.long, device=param.device)
-            pred = inner(x.to(param.dtype), step_t, labels).float()
-            if guided:
-                pred_u, pred_c = pred.chunk(2)
-                pred = pred_u + w * (pred_c - pred_u)
-            latents = sched.step(pred, t, latents, eta=0.0).prev_sample  # eta 0: no noise drawn
+        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r.seed)) for r in requests])
+        latents = (latents * sched.init_noise_sigma).to(param.device)
+        n = len(requests)
+        guided = [j for j, r in enumerate(requests) if r.guidance_scale > 1.0]
+        rows = list(range(n)) + guided  # conditional rows, then the unconditional rows of guided requests
+        uncond = inner.extras["uncond"].float()[None]
+        labels = torch.cat([c.float().cpu() for c in conds] + [uncond.cpu()] * len(guided)).to(param.device, param.dtype)
+        w = torch.tensor([requests[j].guidance_scale for j in guided], device=param.device)[:, None, None, None]
+        with row_adapters(self.lora_root(inner), None if names is None else [names[j] for j in rows]):
+            for t in sched.timesteps:
+                x = sched.scale_model_input(latents[rows], t)
+                step_t = torch.full((len(rows),), int(t), dtype=torch.long, device=param.device)
+                pred = inner(x.to(param.dtype), step_t, labels).float()
+                eps = pred[:n].clone()
+                if guided:
+                    eps_u = pred[n:]
+                    eps[guided] = eps_u + w * (eps[guided] - eps_u)
+                latents = sched.step(eps, t, latents, eta=0.0).prev_sample  # eta 0: no noise drawn
+        return [(self._decode(inner, latents[j : j + 1], r.duration_s), SAMPLE_RATE) for j, r in enumerate(requests)]
+
+    @staticmethod
+    def _decode(inner: AudioLDM, latents: torch.Tensor, duration_s: float) -> np.ndarray:
+        """Latents [1, C, T', F'] -> VAE decoder -> log-mel -> vocoder -> float32 waveform [L] on the CPU."""
         vae_param = next(inner.vae.parameters())
         z = (latents / float(inner.vae.config.scaling_factor)).to(vae_param.device, vae_param.dtype)
         mel = inner.vae.decode(z).sample  # [1, 1, T, 64]
         voc_param = next(inner.vocoder.parameters())
         wav = inner.vocoder(mel[:, 0].to(voc_param.device, voc_param.dtype))  # [1, T * 160]
-        return wav[0, : round(request.duration_s * SAMPLE_RATE)].float().cpu().numpy(), SAMPLE_RATE
+        return wav[0, : round(duration_s * SAMPLE_RATE)].float().cpu().numpy()
 
     def reference_embedding(self, model: nn.Module, audio: np.ndarray, sample_rate: int | None) -> torch.Tensor:
         """CLAP audio embedding of a reference clip, float32 [1, D].

@@ -285,6 +285,43 @@ class ModelFamily(ABC):
             (float32 waveform [L] as a numpy array on the CPU, sample_rate in Hz).
         """
 
+    def generate_batch(
+        self, model: nn.Module, tokenizer: Any, requests: list[GenerationRequest],
+        adapter_names: list[str] | None = None,
+    ) -> list[tuple[np.ndarray, int] | Exception]:
+        """Generate a batch of requests, each row with its own adapter, seed and guidance.
+
+        A family that batches overrides this so that a request gives the same audio alone and
+        inside any batch; this default runs the requests one by one with `generate`.
+
+        Args:
+            model / tokenizer: as `generate`.
+            requests: what to generate.
+            adapter_names: per request, the peft adapter name to run it with, or
+                `batching.BASE_ROW` for the base model (None: the model's active adapter).
+
+        Returns:
+            per request, (float32 waveform [L] on the CPU, sample_rate in Hz), or the exception
+            that request raised (ValueError for a bad melody ...); the other requests still run.
+        """
+        import contextlib
+
+        out: list[tuple[np.ndarray, int] | Exception] = []
+        root = self.lora_root(model)
+        for i, request in enumerate(requests):
+            name = None if adapter_names is None else adapter_names[i]
+            try:
+                scope = contextlib.nullcontext()
+                if name == "__base__" and getattr(root, "peft_config", None):
+                    scope = root.disable_adapter()
+                elif name not in (None, "__base__"):
+                    root.set_adapter(name)
+                with scope:
+                    out.append(self.generate(model, tokenizer, request))
+            except (ValueError, RuntimeError) as exc:
+                out.append(exc)
+        return out
+
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens in a batch, for the tokens/s metric (0 when the family has no tokens)."""
         return 0

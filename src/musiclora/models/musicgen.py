@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, model_device
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
 from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
 from musiclora.models.chroma import melody_chroma, null_chroma, zero_padded_chroma
 from musiclora.models.tiny_tokenizer import build_t5_tokenizer
@@ -294,32 +294,45 @@ class MusicgenMelodyFamily(ModelFamily):
     def generate(self, model, tokenizer, request: GenerationRequest) -> tuple[np.ndarray, int]:
         """Sample audio for `request.prompt` (top-k 250 sampling, classifier-free guidance as MusicGen).
 
-        `request.melody` (float mono [L] at `melody_sample_rate`, resampled to 32 kHz) conditions the
-        melody through its chroma; `request.steps` is ignored (autoregressive: one step per frame).
-        The text ids and chroma go to the model's device; sampling draws from the global torch RNG
-        seeded with `request.seed` (`torch.manual_seed` seeds the CPU and every CUDA device).
+        One request of `generate_batch`, with the model's active adapter: the same request and
+        seed give the same audio alone and inside any batch. `request.melody` (float mono [L] at
+        `melody_sample_rate`, resampled to 32 kHz) conditions through its chroma; `request.steps`
+        is ignored (autoregressive: one step per frame).
 
         Returns:
             (float32 waveform [L] on the CPU, 32000).
-        """
-        from musiclora.audio import resample
 
-        torch.manual_seed(request.seed)
+        Raises:
+            ValueError / RuntimeError: what the sampler raises for this request.
+        """
+        result = self.generate_batch(model, tokenizer, [request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def generate_batch(self, model, tokenizer, requests: list[GenerationRequest],
+                       adapter_names: list[str] | None = None) -> list[tuple[np.ndarray, int] | Exception]:
+        """Sample a batch in one decoder pass per step, each request with its own adapter, seed and
+        guidance (`musicgen_sampling.sample_codes`), then EnCodec-decode each request.
+
+        The text is cut/padded to `MAX_TEXT_TOKENS` (64, as in training), so the decoder positions
+        of a request never depend on its batch mates.
+
+        Returns:
+            per request, (float32 waveform [round(duration_s * 50) * 640] on the CPU, 32000), or
+            the exception of a batch that could not run (it then fails every request).
+        """
+        from musiclora.models.musicgen_sampling import decode_codes, sample_codes
+
         inner = _unwrap(model)
-        device = model_device(inner)
-        text = tokenizer([request.prompt], padding=True, return_tensors="pt").to(device)
-        kwargs: dict[str, Any] = {}
-        if request.melody is not None:
-            wav = resample(request.melody, request.melody_sample_rate, self.sample_rate)
-            kwargs["input_features"] = melody_chroma(wav[None], self.sample_rate).to(device, inner.dtype)
-        n_frames = max(1, round(request.duration_s * self.frame_rate(inner)))
-        # the delay pattern costs K - 1 extra steps before the last codebook's last frame is out
-        audio = model.generate(
-            input_ids=text["input_ids"], attention_mask=text["attention_mask"], do_sample=True, top_k=250,
-            guidance_scale=request.guidance_scale, max_new_tokens=n_frames + inner.decoder.num_codebooks - 1,
-            **kwargs,
-        )
-        return audio[0, 0].float().cpu().numpy(), self.sample_rate
+        try:
+            codes = sample_codes(inner, self.lora_root(model), tokenizer, requests, adapter_names,
+                                 frame_rate=self.frame_rate(inner), sample_rate=self.sample_rate,
+                                 text_tokens=MAX_TEXT_TOKENS)
+        except (ValueError, RuntimeError) as exc:
+            return [exc] * len(requests)
+        return [(decode_codes(inner, c).numpy(), self.sample_rate) for c in codes]
 
 
 def drop_conditions(

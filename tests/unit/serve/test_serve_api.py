@@ -37,7 +37,7 @@ def world(tmp_path_factory):
     dirs = [make_random_adapter("tiny", str(root / f"src{s}"), s) for s in (1, 2)]
     reg.publish(dirs[0], "alpha")
     reg.publish(dirs[1], "beta")
-    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1)
+    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1, lora_slots=2)
     return {"registry": reg, "dirs": dirs, "host": host}
 
 
@@ -184,3 +184,94 @@ def test_bounded_queue_answers_429_with_retry_after(world):
     assert sorted(set(codes)) == [200, 429], codes
     r429 = next(r for r in responses if r.status_code == 429)
     assert int(r429.headers["retry-after"]) >= 1 and "limit is 1" in json.loads(r429.content)["detail"]
+
+
+def test_requests_for_different_adapters_run_as_one_batch_with_their_solo_audio(world):
+    """Four concurrent requests (two adapters, the base, two seeds, two durations) share one batch
+    (the batch fills at 4, so no timing is involved) and each gets the audio it gets alone."""
+    settings = ApiSettings(models=[MODEL], registry_url=world["registry"].url, api_key=KEY,
+                           limits=LIMITS.model_copy(update={"max_pending": 8}))
+    app = build_api(LocalBackend({"mg": world["host"]}, max_adapters=2, max_batch_size=4, batch_wait_timeout_s=60),
+                    settings)
+    bodies = [{"adapter": "alpha", "seed": 5}, {"adapter": "beta", "seed": 5}, {"seed": 5}, {"adapter": "alpha", "seed": 7,
+                                                                                          "duration_s": 0.2}]
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/generate", headers=AUTH, json={"prompt": "calm piano",
+                                                                                     "duration_s": 0.3, **b})
+                                          for b in bodies])
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 4
+    assert [r.headers["x-musiclora-batch-size"] for r in responses] == ["4"] * 4
+    dirs = {"alpha": world["dirs"][0], "beta": world["dirs"][1], None: None}
+    for body, r in zip(bodies, responses):
+        want = reference_audio("tiny", dirs[body.get("adapter")], "calm piano", body.get("duration_s", 0.3), body["seed"])
+        np.testing.assert_allclose(wav_bytes_to_array(r.content)[0], want, atol=2 / 32768)
+
+
+def _silent_flac(seconds: float, sr: int = 8000, claim_frames: int | None = None) -> bytes:
+    """Silent FLAC: a few KiB for minutes of audio. `claim_frames` rewrites STREAMINFO's total
+    samples (0 = unknown length, as a streamed file; small = a header that lies short)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * sr), np.float32), sr, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    if claim_frames is not None:  # 'fLaC', block header (4 bytes), STREAMINFO: total samples = low 36 bits of 10..17
+        field = int.from_bytes(data[18:26], "big")
+        data[18:26] = ((field & ~((1 << 36) - 1)) | claim_frames).to_bytes(8, "big")
+    return bytes(data)
+
+
+def _post_melody(client, data: bytes):
+    return client.post("/v1/generate", headers=AUTH, data={"prompt": "x", "duration_s": "0.2"},
+                       files={"melody": ("m.flac", data, "audio/flac")})
+
+
+def test_hostile_uploads_are_refused_from_the_header_or_at_the_decode_limit(client):
+    long_low_bitrate = _silent_flac(600)  # 10 minutes in ~14 KB; the limit is 1 s
+    assert len(long_low_bitrate) < LIMITS.max_upload_bytes
+    r = _post_melody(client, long_low_bitrate)
+    assert r.status_code == 413 and "600.0 s long (per its header)" in r.json()["detail"] and "1.0 s" in r.json()["detail"]
+    r = _post_melody(client, _silent_flac(600, claim_frames=0))  # no length in the header: decode stops at 1 s
+    assert r.status_code == 413 and "more than the limit of 1.0 s" in r.json()["detail"]
+    r = _post_melody(client, _silent_flac(600, claim_frames=4000))  # lies short: only what it claims is read
+    assert r.status_code == 200 and r.headers["x-musiclora-melody"] == "yes"
+    for junk in (b"RIFF" + b"\xff" * 4000, b"fLaC" + bytes(range(256)) * 10, np.random.default_rng(0).bytes(5000)):
+        r = _post_melody(client, junk)
+        assert r.status_code == 415 and "not decodable audio" in r.json()["detail"]
+    assert _gen(client).status_code == 200
+
+
+def test_uploads_are_decoded_only_behind_the_in_flight_gate(world, monkeypatch):
+    """With the one in-flight slot taken, an upload gets 429 without being decoded."""
+    from serve import api
+
+    decoded = []
+    monkeypatch.setattr(api, "decode_upload", lambda data, limit: decoded.append(len(data)) or (np.zeros(800), 8000))
+    release, started = asyncio.Event(), asyncio.Event()
+
+    class Slow:
+        async def generate(self, model, adapter, params):
+            started.set()
+            await release.wait()
+            raise api.Overloaded(1)
+
+    settings = ApiSettings(models=[MODEL], registry_url=world["registry"].url, api_key=KEY, limits=LIMITS)
+    app = build_api(Slow(), settings)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            first = asyncio.create_task(c.post("/v1/generate", json={"prompt": "x"}, headers=AUTH))
+            while not started.is_set():  # the first request holds the only slot
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/generate", headers=AUTH, data={"prompt": "x"},
+                                  files={"melody": ("m.flac", _silent_flac(600), "audio/flac")})
+            release.set()
+            return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert second.status_code == 429 and decoded == []
+    assert first.status_code == 429  # Slow's own answer, after the upload was refused

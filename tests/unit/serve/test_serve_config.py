@@ -71,16 +71,16 @@ def test_host_keeps_an_evicted_adapter_until_its_queued_requests_ran(tmp_path):
     assert host.attached() == ["a@1"]
     params = GenParams("calm", duration_s=0.2, seed=1)
     [with_a, base] = run([("a@1", params), (None, params)])
-    assert with_a.adapter == "a@1" and base.adapter is None and with_a.group_size == 1
+    assert with_a.adapter == "a@1" and base.adapter is None and with_a.batch_size == 2
     assert host.attached() == []  # detached once its last request ran
     with pytest.raises(AdapterNotFoundError):
         host.hold("a@1")
-    # groups: requests for the same adapter run back to back with one switch
+    # one batched generation for all four, rows with and without the adapter
     host.load_blocking("a@1")
     for _ in range(3):
         host.hold("a@1")
     out = run([("a@1", params), (None, params), ("a@1", params), ("a@1", params)])
-    assert [r.group_size for r in out] == [3, 1, 3, 3]
+    assert [r.batch_size for r in out] == [4, 4, 4, 4]
     a_audio = [np.frombuffer(r.audio, np.uint8) for r in out]
     assert np.array_equal(a_audio[0], a_audio[2]) and not np.array_equal(a_audio[0], a_audio[1])
     with pytest.raises(AdapterNotFoundError):
@@ -104,3 +104,53 @@ def test_host_puts_the_model_on_its_device_and_dtype(tmp_path):
     assert params == ({"cpu"}, {torch.bfloat16}) and host.device == torch.device("cpu")
     with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
         ModelHost("musicgen-melody", "tiny", str(tmp_path / "registry"), device="tpu")
+
+
+def test_api_key_fails_closed(monkeypatch):
+    """An `api_key_env` naming an unset or blank variable stops the ingress from starting; only
+    `api_key_env: null` gives an open endpoint."""
+    from serve.app import MissingApiKeyError, ingress_settings, read_api_key
+
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    assert AppArgs.model_validate(args).api_key_env == "MUSICLORA_API_KEY"
+    settings = {"models": [{"name": "m", "family": "musicgen-melody", "base": "tiny"}]}
+    for value in (None, "", "   "):
+        if value is None:
+            monkeypatch.delenv("MUSICLORA_H6_KEY", raising=False)
+        else:
+            monkeypatch.setenv("MUSICLORA_H6_KEY", value)
+        with pytest.raises(MissingApiKeyError, match=r"MUSICLORA_H6_KEY.*api_key_env: null"):
+            ingress_settings(settings, "MUSICLORA_H6_KEY")
+    monkeypatch.setenv("MUSICLORA_H6_KEY", "k1")
+    assert ingress_settings(settings, "MUSICLORA_H6_KEY").api_key.get_secret_value() == "k1"
+    assert read_api_key(None) is None and ingress_settings(settings, None).api_key is None
+    with pytest.raises(ValidationError, match="api_key_env"):
+        AppArgs.model_validate({**args, "api_key_env": ""})
+
+
+def test_host_runs_slot_and_peft_adapters_in_one_batch(tmp_path):
+    """One slot: the first adapter goes into it, the second through peft's load_adapter; a batch
+    with both and the base gives each request its reference audio; a freed slot is reused."""
+    from tests.serve_helpers import reference_audio, wav_bytes_to_array
+
+    reg = Registry(str(tmp_path / "registry"))
+    dirs = [make_random_adapter("tiny", str(tmp_path / n), s) for n, s in (("a", 3), ("b", 4))]
+    reg.publish(dirs[0], "a")
+    reg.publish(dirs[1], "b")
+    host = ModelHost("musicgen-melody", "tiny", reg.url, torch_threads=1, lora_slots=1)
+    host.load_blocking("a@1")
+    host.load_blocking("b@1")
+    assert host.slots.free_count() == 0 and host._attached["a@1"].internal == "slot0"
+    assert host._attached["b@1"].internal != "slot0"  # peft's own named adapter
+    params = GenParams("calm", duration_s=0.2, seed=1)
+    host.hold("a@1")
+    host.hold("b@1")
+    out = host.executor.submit(host.run, [("a@1", params), ("b@1", params), (None, params)]).result()
+    for r, folder in zip(out, [dirs[0], dirs[1], None]):
+        np.testing.assert_allclose(wav_bytes_to_array(r.audio)[0], reference_audio("tiny", folder, "calm", 0.2, 1),
+                                   atol=2 / 32768)
+    host.uncache("a@1")
+    host.executor.submit(lambda: None).result()
+    assert host.slots.free_count() == 1 and host.attached() == ["b@1"]
+    host.load_blocking("a@1")
+    assert host._attached["a@1"].internal == "slot0"
