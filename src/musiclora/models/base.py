@@ -98,6 +98,14 @@ class ModelFamily(ABC):
     sample_rate: int = 0
     """Audio sample rate in Hz the family's encoder expects."""
 
+    channels: int = 1
+    """Audio channels the family's encoder takes: 1 (mono `Segment.audio` [L]) or 2 (stereo [2, L],
+    Stable Audio Open). Where segments are cut, data/ keeps this many channels."""
+
+    licence_note: str = ("the adapter is a derivative of the base model: its licence terms apply "
+                         "(see the base model's card)")
+    """Sentence for the adapter card: the base weights' licence, which an adapter inherits."""
+
     @abstractmethod
     def feature_spec(self, loaded: Loaded) -> dict[str, Any]:
         """JSON description of what each shard sample holds (written into manifest.json)."""
