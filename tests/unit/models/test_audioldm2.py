@@ -248,6 +248,18 @@ def test_saved_adapter_loads_in_plain_peft_and_changes_the_output(tiny_dir, tmp_
     assert (ours - _unet_out(bare)).abs().max() > 1e-4
     via_peft = PeftModel.from_pretrained(bare, str(folder))
     assert torch.allclose(_unet_out(via_peft.eval()), ours, atol=1e-6)
+    # the shipped example, in a fresh interpreter without musiclora
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "plain_audioldm2_load.py"
+    run = subprocess.run([sys.executable, str(example), tiny_dir, str(folder)], capture_output=True, text=True,
+                         timeout=300, check=False, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["max_output_change"] > 1e-4 and report["lora_tensors"] > 0
 
 
 # --------------------------------------------------------------------------- generation

@@ -284,6 +284,18 @@ def test_saved_adapter_loads_in_plain_peft_and_changes_the_output(tiny_dir, tmp_
     fresh.transformer = PeftModel.from_pretrained(StableAudioDiTModel.from_pretrained(tiny_dir, subfolder="transformer"),
                                                   str(folder)).eval()
     assert torch.allclose(_dit_out(fresh), ours, atol=1e-6)
+    # the shipped example, in a fresh interpreter without musiclora
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "plain_stable_audio_load.py"
+    run = subprocess.run([sys.executable, str(example), tiny_dir, str(folder)], capture_output=True, text=True,
+                         timeout=300, check=False, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["max_output_change"] > 1e-4 and report["lora_tensors"] > 0
 
 
 # --------------------------------------------------------------------------- generation
