@@ -77,6 +77,8 @@ class AudioLDMFamily(ModelFamily):
     default_segment_s = 10.24
     """AudioLDM's training clip length (1024 mel frames)."""
     sample_rate = SAMPLE_RATE
+    licence_note = ("the adapter is a derivative of the base model: its licence terms apply "
+                    "(cvssp/audioldm-s-full-v2: CC-BY-NC-SA-4.0 weights)")
     lora_root_attr = "unet"
     lora_presets: ClassVar[dict[str, list[str]]] = {
         "attn": list(ATTN),
