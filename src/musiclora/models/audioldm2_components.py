@@ -8,7 +8,8 @@ tests as the reference), and `load_audioldm2` reads the hub checkpoint the same 
     model_index.json
     unet/              AudioLDM2UNet2DConditionModel (cross-attention to the GPT-2 states and to T5)
     vae/               diffusers AutoencoderKL over the log-mel "image" [B, 1, T, 64]
-    text_encoder/      transformers ClapModel (its text tower embeds the prompt)
+    text_encoder/      transformers ClapModel; musiclora loads its text tower alone (ClapTextModelWithProjection:
+                       no 0-dim logit scales, which DeepSpeed cannot broadcast)
     text_encoder_2/    transformers T5EncoderModel (flan-t5-large in the hub checkpoint)
     projection_model/  AudioLDM2ProjectionModel (CLAP + T5 -> the language model's width, SOS/EOS)
     language_model/    transformers GPT2Model (generates 8 hidden states: the "language of audio")
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 COMPONENTS = {
@@ -123,10 +125,6 @@ class AudioLDM2(nn.Module):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _pooled(output) -> torch.Tensor:
-    return output.pooler_output if hasattr(output, "pooler_output") else output
-
-
 @torch.no_grad()
 def generate_language_model(language_model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
                             max_new_tokens: int) -> torch.Tensor:
@@ -168,8 +166,8 @@ def encode_prompts(model: AudioLDM2, tokenizers: AudioLDM2Tokenizers, texts: lis
                            return_tensors="pt")
     t5_tok = tokenizers.t5(list(texts), padding=True, max_length=_max_len(tokenizers.t5), truncation=True,
                            return_tensors="pt")
-    clap_states = _pooled(model.text_encoder.get_text_features(
-        clap.input_ids.to(device), attention_mask=clap.attention_mask.to(device)))[:, None, :]
+    clap_states = F.normalize(model.text_encoder(clap.input_ids.to(device), attention_mask=clap.attention_mask.to(device))
+                              .text_embeds, dim=-1)[:, None, :]  # = ClapModel.get_text_features
     t5_mask = t5_tok.attention_mask.to(device)
     t5 = model.text_encoder_2(t5_tok.input_ids.to(device), attention_mask=t5_mask)[0]
     proj = model.projection_model(hidden_states=clap_states, hidden_states_1=t5,
@@ -199,13 +197,13 @@ def _classes() -> dict[str, Any]:
     from transformers import (
         AutoTokenizer,
         ClapFeatureExtractor,
-        ClapModel,
+        ClapTextModelWithProjection,
         GPT2Model,
         SpeechT5HifiGan,
         T5EncoderModel,
     )
 
-    return {"unet": AudioLDM2UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": ClapModel,
+    return {"unet": AudioLDM2UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": ClapTextModelWithProjection,
             "text_encoder_2": T5EncoderModel, "projection_model": AudioLDM2ProjectionModel,
             "language_model": GPT2Model, "vocoder": SpeechT5HifiGan, "scheduler": DDIMScheduler,
             "tokenizer": AutoTokenizer, "tokenizer_2": AutoTokenizer, "feature_extractor": ClapFeatureExtractor}
@@ -260,14 +258,22 @@ def audioldm2_skeleton(base: str, revision: str | None = None) -> AudioLDM2:
 
 
 def save_audioldm2(model: AudioLDM2, tokenizers: AudioLDM2Tokenizers, out_dir: str) -> str:
-    """Write `model` in the hub folder layout; returns `out_dir`."""
+    """Write `model` in the hub folder layout; returns `out_dir`.
+
+    `text_encoder/` is the full CLAP (`extras["clap"]`, which the tiny preset keeps), as the hub has it.
+
+    Raises:
+        ValueError: `model` holds no full CLAP model to write as `text_encoder/`.
+    """
     import diffusers
 
+    if model.extras.get("clap") is None:
+        raise ValueError("save_audioldm2: extras['clap'] (the full transformers ClapModel) is needed for text_encoder/")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "projection_model", "language_model", "vocoder",
-                 "scheduler"):
+    for name in ("unet", "vae", "text_encoder_2", "projection_model", "language_model", "vocoder", "scheduler"):
         getattr(model, name).save_pretrained(str(out / name))
+    model.extras["clap"].save_pretrained(str(out / "text_encoder"))
     tokenizers.clap.save_pretrained(str(out / "tokenizer"))
     tokenizers.t5.save_pretrained(str(out / "tokenizer_2"))
     if tokenizers.feature_extractor is not None:

@@ -37,6 +37,7 @@ def build_tiny_audioldm2(seed: int = 0):
         DDIMScheduler,
     )
     from transformers import (
+        ClapTextModelWithProjection,
         GPT2Config,
         GPT2Model,
         SpeechT5HifiGan,
@@ -78,7 +79,13 @@ def build_tiny_audioldm2(seed: int = 0):
             resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False,
             initializer_range=0.18,  # audible output from random weights (the default 0.01 gives ~1e-10 peaks)
         ))
-    model = AudioLDM2(unet, vae, clap.model.eval(), t5.eval(), projection.eval(), gpt.eval(), vocoder,
+    text_encoder = ClapTextModelWithProjection(clap.model.config.text_config)
+    own = {k: v for k, v in clap.model.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
+    missing, unexpected = text_encoder.load_state_dict(own, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"tiny CLAP text tower does not fit ClapTextModelWithProjection: {missing} {unexpected}")
+    model = AudioLDM2(unet, vae, text_encoder.eval(), t5.eval(), projection.eval(), gpt.eval(), vocoder,
                       DDIMScheduler(**AUDIOLDM_SCHEDULER))
     model.extras["source"] = {"base": "tiny", "revision": None}
+    model.extras["clap"] = clap.model.eval()
     return model.eval(), AudioLDM2Tokenizers(clap.tokenizer, t5_tok, clap.feature_extractor)

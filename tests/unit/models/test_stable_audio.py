@@ -120,6 +120,13 @@ def test_skeleton_is_meta_and_gives_the_loaded_feature_spec(loaded, tiny_dir):
     assert spec == FAM.feature_spec(loaded) and spec["channels"] == 2 and spec["frame_rate"] == SR / 2048
 
 
+def test_every_parameter_has_a_dimension_so_deepspeed_can_broadcast_it(loaded, tiny_dir):
+    """DeepSpeed's engine broadcasts each parameter as bytes (`p.data.view(torch.uint8)`), which fails on a
+    0-dim tensor (e.g. ClapModel's logit scales): the training container must hold none."""
+    for model in (loaded.model, FAM.load(tiny_dir).model):
+        assert not [n for n, p in model.named_parameters() if p.dim() == 0]
+
+
 def test_unreadable_base_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load Stable Audio Open component 'transformer'"):
         FAM.load(str(tmp_path / "nowhere"))
