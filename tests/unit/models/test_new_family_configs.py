@@ -37,3 +37,16 @@ def test_prepare_configs_validate_and_fit_the_model_window(name):
         skel = family.skeleton("tiny")
         window_s = skel.transformer.config.sample_size * skel.hop_length / family.sample_rate
         assert cfg.base != "tiny" or cfg.segment_s <= window_s
+
+
+@pytest.mark.parametrize("name", ["tune_audioldm2_tiny", "tune_stable_audio_open_tiny"])
+def test_tune_configs_dry_run(name):
+    """The Tune search's dry run: every candidate value validates, the space builds, a trial config follows."""
+    from musiclora.tune.search import load_tune_config, param_space, trial_config
+
+    tune_cfg, base = load_tune_config(CONFIGS / f"{name}.yaml")
+    space = param_space(tune_cfg)
+    assert "adapter.preset" in space
+    trial = trial_config(base, {"adapter.r": 4, "adapter.preset": "attn", "optim.lr": 0.001}, "t0")
+    assert trial.adapter.r == 4 and trial.run.name == "t0" and trial.optim.max_steps == 16
+    assert get_family(trial.model.family).target_modules(trial.adapter.preset)
