@@ -40,8 +40,9 @@ class Segment:
 
     Attributes:
         key: unique sample key (`<track-id>_<start-ms>`), safe as a WebDataset `__key__`.
-        audio: float32 mono waveform, shape [L], at the family's `sample_rate`, zero-padded to the
-            segment length.
+        audio: float32 waveform at the family's `sample_rate`, zero-padded to the segment length:
+            mono [L], or [2, L] where the family takes stereo (`ModelFamily.channels == 2`) and the
+            data path keeps it (a stereo family also accepts mono [L], as dual mono).
         num_valid: number of real (non-padding) samples at the start of `audio`.
         caption: text prompt describing the music.
         meta: extra JSON-serialisable fields copied into the sample (source path, start_s, ...).
