@@ -331,3 +331,18 @@ def test_generate_is_seeded_conditioned_and_sized(tiny_dir):
 
 def test_licence_note_names_the_community_license():
     assert "Stability AI Community License" in FAM.licence_note
+
+
+def test_musiclora_generate_with_an_adapter_writes_44k_audio(tiny_dir, tmp_path):
+    """`musiclora generate`'s function on a saved adapter (card names family and base): no family branch needed."""
+    import soundfile as sf
+
+    from musiclora.adapters import save_adapter
+    from musiclora.generate import generate
+
+    model = apply_lora(FAM.load(tiny_dir).model, FAM, AdapterConfig(preset="study002"))
+    folder = str(tmp_path / "adapter")
+    save_adapter(FAM.lora_root(model), folder, card={"family": FAM.name, "base_model": tiny_dir})
+    out = generate("calm piano", str(tmp_path / "out.wav"), adapter=folder, duration_s=1.0, steps=2)
+    audio, rate = sf.read(out["wav"], dtype="float32")
+    assert out["family"] == "stable-audio-open" and rate == SR and audio.shape == (SR,) and out["rms"] > 0
