@@ -294,3 +294,23 @@ def test_generate_is_seeded_conditioned_and_sized(tiny_dir):
 def test_licence_note_names_the_weights_licence():
     assert "CC-BY-NC-SA-4.0" in FAM.licence_note and isinstance(get_family("audioldm").licence_note, str)
     assert isinstance(_container(FAM.load("tiny").model), AudioLDM2)
+
+
+def test_sampling_without_guidance_matches_diffusers_audioldm2_pipeline(tiny_dir):
+    """Same initial latents, DDIM steps, VAE and vocoder: our sampler gives the pipeline's waveform.
+    (With guidance the pipeline pads the empty prompt to the prompt's T5 length, which moves GPT-2's
+    positions; ours encodes it alone, as training's caption dropout does.)"""
+    from diffusers import AudioLDM2Pipeline
+    from transformers import GPT2LMHeadModel
+
+    from musiclora.models.audioldm2 import sample_audioldm2
+
+    loaded = FAM.load(tiny_dir)
+    ours, sr = sample_audioldm2(loaded.model, loaded.tokenizer, "calm piano", 1.0, guidance_scale=1.0, seed=3, steps=4)
+    pipe = AudioLDM2Pipeline.from_pretrained(
+        tiny_dir, language_model=GPT2LMHeadModel.from_pretrained(tiny_dir, subfolder="language_model"))
+    latents = torch.randn((1, 8, 25, 16), generator=torch.Generator().manual_seed(3))
+    ref = pipe("calm piano", audio_length_in_s=1.0, num_inference_steps=4, guidance_scale=1.0, latents=latents,
+               output_type="np").audios[0]
+    assert sr == SR and ours.shape == ref.shape == (SR,)
+    assert np.allclose(ours, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
