@@ -276,8 +276,10 @@ class AudioLDM2Family(ModelFamily):
 def sample_audioldm2(model: nn.Module, tokenizers, prompt: str, duration_s: float, guidance_scale: float = 3.5,
                      seed: int = 0, steps: int | None = None) -> tuple[np.ndarray, int]:
     """DDIM (eta 0) over `steps` steps from seeded Gaussian latents, guidance
-    eps = eps_u + w (eps_c - eps_u) against the empty prompt (Ho & Salimans 2022, as diffusers'
-    AudioLDM2Pipeline), then VAE decoder -> log-mel -> HiFi-GAN vocoder.
+    eps = eps_u + w (eps_c - eps_u) against the empty prompt (Ho & Salimans 2022), then VAE decoder
+    -> log-mel -> HiFi-GAN vocoder: what diffusers' AudioLDM2Pipeline computes for the same latents
+    (the empty prompt's T5 tokens padded to the prompt's length, as it pads them; training's caption
+    dropout uses the empty prompt encoded alone, `extras["uncond"]`).
 
     Args:
         model: `AudioLDM2` (or a wrapper); tokenizers: its `AudioLDM2Tokenizers`.
@@ -300,10 +302,9 @@ def sample_audioldm2(model: nn.Module, tokenizers, prompt: str, duration_s: floa
     dev, dt = param.device, param.dtype
     cond = encode_prompts(inner, tokenizers, [prompt])
     guided = guidance_scale > 1.0
-    if guided:
-        uncond: PromptStates = inner.extras["uncond"]
-        width = max(cond.t5.shape[1], uncond.t5.shape[1])
-        t5, mask = _pad_states([uncond.t5[0], cond.t5[0]], width, [uncond.t5_mask[0], cond.t5_mask[0]])
+    if guided:  # the empty prompt, its T5 tokens padded to the prompt's length as the pipeline pads them
+        uncond = encode_prompts(inner, tokenizers, [""], t5_length=cond.t5.shape[1])
+        t5, mask = torch.cat([uncond.t5, cond.t5]), torch.cat([uncond.t5_mask, cond.t5_mask])
         gen = torch.cat([uncond.generated, cond.generated])
     else:
         t5, mask, gen = cond.t5, cond.t5_mask, cond.generated
@@ -332,14 +333,13 @@ def sample_audioldm2(model: nn.Module, tokenizers, prompt: str, duration_s: floa
     return wav[0, : round(duration_s * SAMPLE_RATE)].float().cpu().numpy(), SAMPLE_RATE
 
 
-def _pad_states(states: list[torch.Tensor], width: int, masks: list[torch.Tensor] | None = None):
+def _pad_states(states: list[torch.Tensor], width: int):
     """Stack [S_i, D] states zero-padded to [N, width, D] with their int64 masks [N, width]."""
     out = torch.zeros(len(states), width, states[0].shape[-1])
     mask = torch.zeros(len(states), width, dtype=torch.long)
     for i, x in enumerate(states):
-        n = int(masks[i].sum()) if masks is not None else x.shape[0]
-        out[i, :n] = x[:n]
-        mask[i, :n] = 1
+        out[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = 1
     return out, mask
 
 

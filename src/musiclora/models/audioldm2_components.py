@@ -151,12 +151,15 @@ def generate_language_model(language_model: nn.Module, embeds: torch.Tensor, mas
 
 
 @torch.no_grad()
-def encode_prompts(model: AudioLDM2, tokenizers: AudioLDM2Tokenizers, texts: list[str]) -> PromptStates:
+def encode_prompts(model: AudioLDM2, tokenizers: AudioLDM2Tokenizers, texts: list[str],
+                   t5_length: int | None = None) -> PromptStates:
     """AudioLDM2's text conditioning for a list of prompts.
 
     CLAP text features [N, 1, Dc] and T5 last hidden states [N, S, D2] -> `projection_model`
     (linear maps, learned SOS/EOS, concatenation) -> GPT-2 generates M states. Source: diffusers
-    `AudioLDM2Pipeline.encode_prompt` (CLAP padded to `model_max_length`, T5 padded to the longest).
+    `AudioLDM2Pipeline.encode_prompt` (CLAP padded to `model_max_length`, T5 padded to the longest,
+    or to `t5_length` as the pipeline pads the negative prompt to the prompt's length; GPT-2 sees
+    absolute positions, so that padding changes the generated states).
 
     Returns:
         `PromptStates` on the CPU, float32.
@@ -164,8 +167,9 @@ def encode_prompts(model: AudioLDM2, tokenizers: AudioLDM2Tokenizers, texts: lis
     device = next(model.text_encoder_2.parameters()).device
     clap = tokenizers.clap(list(texts), padding="max_length", max_length=_max_len(tokenizers.clap), truncation=True,
                            return_tensors="pt")
-    t5_tok = tokenizers.t5(list(texts), padding=True, max_length=_max_len(tokenizers.t5), truncation=True,
-                           return_tensors="pt")
+    t5_pad = {"padding": True, "max_length": _max_len(tokenizers.t5)} if t5_length is None else \
+        {"padding": "max_length", "max_length": int(t5_length)}
+    t5_tok = tokenizers.t5(list(texts), truncation=True, return_tensors="pt", **t5_pad)
     clap_states = F.normalize(model.text_encoder(clap.input_ids.to(device), attention_mask=clap.attention_mask.to(device))
                               .text_embeds, dim=-1)[:, None, :]  # = ClapModel.get_text_features
     t5_mask = t5_tok.attention_mask.to(device)
