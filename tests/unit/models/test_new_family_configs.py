@@ -50,3 +50,10 @@ def test_tune_configs_dry_run(name):
     trial = trial_config(base, {"adapter.r": 4, "adapter.preset": "attn", "optim.lr": 0.001}, "t0")
     assert trial.adapter.r == 4 and trial.run.name == "t0" and trial.optim.max_steps == 16
     assert get_family(trial.model.family).target_modules(trial.adapter.preset)
+
+
+def test_config_and_family_tables_name_the_same_families():
+    from musiclora.config import FAMILIES as CONFIG_FAMILIES
+    from musiclora.models.families import FAMILIES
+
+    assert set(CONFIG_FAMILIES) == set(FAMILIES) >= {"audioldm2", "stable-audio-open"}
