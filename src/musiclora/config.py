@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-FAMILIES = ("musicgen-melody", "audioldm")
+FAMILIES = ("musicgen-melody", "audioldm", "audioldm2", "stable-audio-open")
 
 
 class _Strict(BaseModel):

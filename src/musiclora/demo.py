@@ -47,6 +47,9 @@ DEMOS = {
     "musicgen-melody": DemoSpec("prepare_musicgen_melody_tiny.yaml", "musicgen_melody_tiny.yaml", "plain_peft_load.py"),
     "audioldm": DemoSpec("prepare_audioldm_tiny.yaml", "audioldm_tiny.yaml", "plain_audioldm_load.py",
                          reference_clip=True),
+    "audioldm2": DemoSpec("prepare_audioldm2_tiny.yaml", "audioldm2_tiny.yaml", "plain_audioldm2_load.py"),
+    "stable-audio-open": DemoSpec("prepare_stable_audio_open_tiny.yaml", "stable_audio_open_tiny.yaml",
+                                  "plain_stable_audio_load.py"),
 }
 
 

@@ -13,6 +13,13 @@ The study computed them on symbolic output of unpublished code; here they are
 computed from audio. Pitch comes from librosa's pYIN, which tracks the single
 predominant pitch per frame, so on polyphonic audio the metrics describe the
 predominant (usually melodic) line.
+
+Stereo: every metric takes mono [L] or channels-first [C, L] audio with C <= 2
+(Stable Audio Open's 44.1 kHz stereo) and scores the downmix, the mean of the
+channels: the study reports one figure per piece, and a mono or dual-mono clip
+scores the same either way. Channels in antiphase cancel in the downmix (no pitch,
+no onsets); such a clip raises the metric's "no pitched frames" / "onsets" error.
+Any sample rate works (pYIN and the onset detector take `sr`).
 """
 
 from __future__ import annotations
@@ -27,11 +34,23 @@ FMIN_HZ = 65.406  # C2
 FMAX_HZ = 2093.005  # C7
 
 
+MAX_CHANNELS = 2
+
+
 def _waveform(y: np.ndarray, sr: int) -> tuple[np.ndarray, int]:
-    """Check a mono waveform and sample rate; return float32 [L] and int Hz."""
+    """Check a waveform and sample rate; return the float32 mono downmix [L] and int Hz.
+
+    `y` is mono [L] or channels-first [C, L] with C <= 2 (the mean of the channels is scored).
+    """
     arr = np.asarray(y)
+    if arr.ndim == 2 and 1 <= arr.shape[0] <= MAX_CHANNELS:
+        arr = arr.astype(np.float32).mean(axis=0)
+    elif arr.ndim == 2 and arr.shape[1] <= MAX_CHANNELS < arr.shape[0]:
+        raise ValueError(f"y of shape {arr.shape} looks like [L, C] (soundfile's layout); pass y.T, channels first "
+                         "[C, L], or a mono waveform [L]")
     if arr.ndim != 1:
-        raise ValueError(f"y must be a mono waveform of shape [L], got shape {arr.shape}")
+        raise ValueError(f"y must be a mono waveform [L] or stereo [C, L] with C <= {MAX_CHANNELS}, "
+                         f"got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError("y is empty")
     if int(sr) != sr or sr <= 0:
@@ -72,7 +91,7 @@ def detected_pitches(
     frames (3 frames = 70 ms at 22.05 kHz, hop 512). A440 tuning is assumed.
 
     Args:
-        y: mono waveform, shape [L], float in [-1, 1].
+        y: waveform, mono [L] or stereo [C, L] (C <= 2, scored as the downmix), float in [-1, 1].
         sr: sample rate in Hz.
         fmin: lowest pitch searched, Hz (default C2).
         fmax: highest pitch searched, Hz (default C7).
@@ -85,7 +104,7 @@ def detected_pitches(
         kept frame in time order; V may be 0 (silence, noise).
 
     Raises:
-        ValueError: if `y` is not a non-empty finite 1-D array, `sr` is not positive,
+        ValueError: if `y` is not a non-empty finite [L] or [C <= 2, L] array, `sr` is not positive,
             or `min_run_frames` < 1.
     """
     wav, rate = _waveform(y, sr)
@@ -152,7 +171,7 @@ def harmonic_accuracy(y: np.ndarray, sr: int, pitches: np.ndarray | None = None)
     once, so a pitch weighs by its duration.
 
     Args:
-        y: mono waveform, shape [L], float in [-1, 1].
+        y: waveform, mono [L] or stereo [C, L] (C <= 2, scored as the downmix), float in [-1, 1].
         sr: sample rate in Hz.
         pitches: optional MIDI pitches [V] already detected (e.g. by
             `detected_pitches`), to avoid running pYIN again; then `y` is not read.
@@ -174,7 +193,7 @@ def melodic_complexity(y: np.ndarray, sr: int, pitches: np.ndarray | None = None
     twice; short transitional frames are dropped by `detected_pitches`.
 
     Args:
-        y: mono waveform, shape [L], float in [-1, 1].
+        y: waveform, mono [L] or stereo [C, L] (C <= 2, scored as the downmix), float in [-1, 1].
         sr: sample rate in Hz.
         pitches: optional MIDI pitches [V] already detected; then `y` is not read.
 
@@ -233,7 +252,7 @@ def rhythmic_inconsistency(
     `hop_length` samples, so a perfectly steady clip scores about 1 % rather than 0.
 
     Args:
-        y: mono waveform, shape [L], float in [-1, 1].
+        y: waveform, mono [L] or stereo [C, L] (C <= 2, scored as the downmix), float in [-1, 1].
         sr: sample rate in Hz.
         bpm: tempo in quarter notes per minute; None estimates it.
         offset_s: time of one grid beat in s; None fits it to the onsets.

@@ -78,6 +78,8 @@ class AudioLDMFamily(ModelFamily):
     """AudioLDM's training clip length (1024 mel frames)."""
     sample_rate = SAMPLE_RATE
     takes_steps = True
+    licence_note = ("the adapter is a derivative of the base model: its licence terms apply "
+                    "(cvssp/audioldm-s-full-v2: CC-BY-NC-SA-4.0 weights)")
     lora_root_attr = "unet"
     lora_presets: ClassVar[dict[str, list[str]]] = {
         "attn": list(ATTN),

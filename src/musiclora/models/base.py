@@ -42,8 +42,9 @@ class Segment:
 
     Attributes:
         key: unique sample key (`<track-id>_<start-ms>`), safe as a WebDataset `__key__`.
-        audio: float32 mono waveform, shape [L], at the family's `sample_rate`, zero-padded to the
-            segment length.
+        audio: float32 waveform at the family's `sample_rate`, zero-padded to the segment length:
+            mono [L], or [2, L] where the family takes stereo (`ModelFamily.channels == 2`) and the
+            data path keeps it (a stereo family also accepts mono [L], as dual mono).
         num_valid: number of real (non-padding) samples at the start of `audio`.
         caption: text prompt describing the music.
         meta: extra JSON-serialisable fields copied into the sample (source path, start_s, ...).
@@ -241,6 +242,14 @@ class ModelFamily(ABC):
     """Audio sample rate in Hz the family's encoder expects."""
     takes_steps: bool = False
     """Whether `generate` uses `GenerationRequest.steps` (diffusion families)."""
+
+    channels: int = 1
+    """Audio channels the family's encoder takes: 1 (mono `Segment.audio` [L]) or 2 (stereo [2, L],
+    Stable Audio Open). Where segments are cut, data/ keeps this many channels."""
+
+    licence_note: str = ("the adapter is a derivative of the base model: its licence terms apply "
+                         "(see the base model's card)")
+    """Sentence for the adapter card: the base weights' licence, which an adapter inherits."""
 
     @abstractmethod
     def feature_spec(self, loaded: Loaded) -> dict[str, Any]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from musiclora.models.audioldm import AudioLDMFamily
+from musiclora.models.audioldm2 import AudioLDM2Family
 from musiclora.models.base import ModelFamily
 from musiclora.models.musicgen import MusicgenMelodyFamily
+from musiclora.models.stable_audio import StableAudioFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     "musicgen-melody": MusicgenMelodyFamily,
     "audioldm": AudioLDMFamily,
+    "audioldm2": AudioLDM2Family,
+    "stable-audio-open": StableAudioFamily,
 }
 
 

@@ -134,6 +134,8 @@ class MusicgenMelodyFamily(ModelFamily):
         ],
     }
     sample_rate = 32_000
+    licence_note = ("the adapter is a derivative of the base model: its licence terms apply "
+                    "(facebook/musicgen-melody: CC-BY-NC-4.0 weights)")
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = MusicgenOptions()

@@ -177,8 +177,7 @@ def build_card(cfg: TrainConfig, checks: dict[str, Any], state: dict[str, Any]) 
         "family": cfg.model.family,
         "base_model": cfg.model.base,
         "base_revision": cfg.model.revision,
-        "base_licence_note": "the adapter is a derivative of the base model: its licence terms apply "
-                             "(facebook/musicgen-melody: CC-BY-NC-4.0 weights)",
+        "base_licence_note": get_family(cfg.model.family).licence_note,
         "adapter": {**cfg.adapter.model_dump(), "target_modules": checks["target_modules"]},
         "data": {"shards_url": cfg.data.shards_url, "manifest_sha256": checks["manifest_sha256"],
                  "num_samples": checks["manifest"]["num_samples"]},

@@ -91,7 +91,9 @@ def test_pitch_metrics_reject_silence_and_bad_input():
     with pytest.raises(ValueError, match="no pitched frames"):
         harmonic_accuracy(np.zeros(SR, np.float32), SR)
     with pytest.raises(ValueError, match="mono"):
-        detected_pitches(np.zeros((2, SR)), SR)
+        detected_pitches(np.zeros((3, SR)), SR)
+    with pytest.raises(ValueError, match=r"looks like \[L, C\]"):
+        detected_pitches(np.zeros((SR, 2)), SR)
     with pytest.raises(ValueError, match="sr"):
         detected_pitches(np.zeros(SR), 0)
 
@@ -124,3 +126,40 @@ def test_rhythmic_inconsistency_errors():
         rhythmic_inconsistency(_clicks(BEATS_120, 9.0), SR, bpm=0)
     with pytest.raises(ValueError, match="at least 2 onsets"):
         rhythmic_inconsistency(np.zeros(SR, np.float32), SR)
+
+
+# --------------------------------------------------------------------------- stereo 44.1 kHz (Stable Audio Open's output)
+
+SR_SAO = 44100
+
+
+def _stereo_notes(midis, dur=0.25) -> np.ndarray:
+    """Sine notes at 44.1 kHz, full in the left channel and at half level in the right: [2, L]."""
+    t = np.arange(int(dur * SR_SAO)) / SR_SAO
+    fade = np.minimum(1.0, np.minimum(t, dur - t) / 0.01)
+    left = np.concatenate([0.3 * fade * np.sin(2 * np.pi * 440 * 2 ** ((m - 69) / 12) * t) for m in midis])
+    return np.stack([left, 0.5 * left]).astype(np.float32)
+
+
+def test_pitch_metrics_score_the_downmix_of_stereo_44k_audio():
+    stereo = _stereo_notes(C_MAJOR_SCALE)
+    pitches = detected_pitches(stereo, SR_SAO)
+    assert sorted(set(np.round(pitches).astype(int))) == C_MAJOR_SCALE
+    assert np.array_equal(pitches, detected_pitches(stereo.mean(axis=0), SR_SAO))  # the downmix is what is scored
+    assert harmonic_accuracy(stereo, SR_SAO) == pytest.approx(100.0)
+    assert melodic_complexity(stereo, SR_SAO) == len(C_MAJOR_SCALE)
+    chromatic = _stereo_notes(CHROMATIC)
+    assert harmonic_accuracy(chromatic, SR_SAO) < 75.0 and melodic_complexity(chromatic, SR_SAO) == len(CHROMATIC)
+
+
+def test_rhythmic_inconsistency_on_stereo_44k_clicks():
+    n = int(0.01 * SR_SAO)
+    burst = np.random.default_rng(0).standard_normal(n) * np.exp(-np.arange(n) / (0.002 * SR_SAO))
+    left = np.zeros(int(9.0 * SR_SAO), np.float32)
+    for t in BEATS_120:
+        i = round(t * SR_SAO)
+        left[i : i + n] += burst.astype(np.float32)
+    stereo = np.stack([left, 0.7 * left])
+    assert rhythmic_inconsistency(stereo, SR_SAO, bpm=120) < 2.5
+    late = np.stack([np.roll(left, round(0.125 * SR_SAO)), np.roll(0.7 * left, round(0.125 * SR_SAO))])
+    assert rhythmic_inconsistency(late, SR_SAO, bpm=120, offset_s=0.0) == pytest.approx(25.0, abs=3.0)
