@@ -323,8 +323,9 @@ def test_generate_is_seeded_conditioned_and_sized(tiny_dir):
     assert not np.allclose(a, gen(seed=2))
     assert not np.allclose(a, gen(seed=1, prompt="epic battle drums"))
     assert not np.allclose(a, gen(seed=1, guidance_scale=1.0))
-    stereo, sr = sample_stable_audio(loaded.model, loaded.tokenizer, "calm piano", 1.0, seed=1, steps=3)
-    assert sr == SR and stereo.shape == (2, SR) and np.allclose(stereo.mean(0), a)
+    stereo, sr = sample_stable_audio(loaded.model, loaded.tokenizer, "calm piano", 1.0,
+                                     guidance_scale=GenerationRequest(prompt="x").guidance_scale, seed=1, steps=3)
+    assert sr == SR and stereo.shape == (2, SR) and np.allclose(stereo.mean(0), a, atol=1e-4)  # the mono downmix
     with pytest.raises(ValueError, match="DiT window"):
         FAM.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt="x", duration_s=60.0))
     with pytest.raises(ValueError, match="text only"):
