@@ -83,6 +83,12 @@ def _base_optimizer(engine):
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+def _flat_params(engine) -> list[torch.Tensor]:
+    """The fp32 partitions the torch optimizer steps (ZeRO-3 swaps them into its param groups only during a step)."""
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flat) if flat is not None else [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
+
+
 def gather_optimizer(engine) -> tuple[dict[str, torch.Tensor], float]:
     """Full fp32 master weights and AdamW moments of every trainable parameter, and AdamW's step.
 
@@ -95,7 +101,7 @@ def gather_optimizer(engine) -> tuple[dict[str, torch.Tensor], float]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _base_optimizer(engine)
-    started = any(base.state.get(p) for g in base.param_groups for p in g["params"])
+    started = any(base.state.get(p) for p in _flat_params(engine))
     out = {}
     for name, p in _trainable(engine):
         out[f"{name}::fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
@@ -103,7 +109,7 @@ def gather_optimizer(engine) -> tuple[dict[str, torch.Tensor], float]:
             value = safe_get_full_optimizer_state(p, key) if started else None
             out[f"{name}::{key}"] = value.detach().float().cpu().clone() if value is not None else torch.zeros(
                 out[f"{name}::fp32"].shape)
-    step = next((float(base.state[p]["step"]) for g in base.param_groups for p in g["params"] if base.state.get(p)), 0.0)
+    step = next((float(base.state[p]["step"]) for p in _flat_params(engine) if base.state.get(p)), 0.0)
     return out, step
 
 
@@ -119,24 +125,35 @@ def restore_optimizer(engine, tensors: dict[str, torch.Tensor], step: float) -> 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            if not base.state.get(p):
-                base.state[p] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(p),
-                                 "exp_avg_sq": torch.zeros_like(p)}
-            else:
-                base.state[p]["step"] = torch.tensor(step)
+    for p in _flat_params(engine):
+        if not base.state.get(p):
+            base.state[p] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        else:
+            base.state[p]["step"] = torch.tensor(step)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2: point each parameter's fragment at the new state
         engine.optimizer._hp_optimizer_states_linked = False
         link()
-    for name, p in _trainable(engine):
+    trainable = _trainable(engine)
+    for name, p in trainable:
         if f"{name}::fp32" not in tensors:
             raise CheckpointError(f"{OPTIMIZER} has no state for parameter {name!r}: the checkpoint was written "
                                   "for another adapter configuration")
         safe_set_full_fp32_param(p, tensors[f"{name}::fp32"].to(p.device))
         for key in _MOMENTS:
             safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(p.device), key)
+    _set_model_weights(trainable, tensors)
+
+
+def _set_model_weights(trainable: list, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the fp32 masters into the module's (possibly bf16, possibly ZeRO-3-partitioned) weights."""
+    import deepspeed
+
+    params = [p for _, p in trainable]
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=partitioned), torch.no_grad():
+        for name, p in trainable:
+            p.data.copy_(tensors[f"{name}::fp32"].to(p.device, p.dtype).reshape(p.shape))
 
 
 def write_checkpoint(folder: str, root, tensors, best_tensors, state, optimizer: dict | None = None) -> None:
