@@ -17,7 +17,8 @@ Built on Ray Data, so it spreads over a cluster and runs as a Ray job (`ray_jobs
    many actors ran, so re-running on the same input and config reproduces the same shards
    byte for byte (tar headers carry no times or owners).
 4. Write (grouped by shard, in parallel): each group's records are concatenated into
-   `<split>-NNNNN.tar` at the output URL, with its sha256.
+   `<split>-NNNNN.tar` at the output URL, with its sha256 and, per sample, its key and the byte
+   offset of its first tar header (`offsets`, `keys`: what `data/indexed.py` seeks with).
 5. The driver writes `manifest.json`: counts, seconds, throughput, feature spec, config, every
    shard with sha256, every skipped input with its reason.
 

@@ -1,5 +1,9 @@
 """WebDataset shards: writing them reproducibly, streaming them back split by rank and worker.
 
+Training reads through `data/indexed.py` instead (random access by member offsets, the global
+order of `data/order.py`, exact resume); `ShardStream` below serves whole-epoch streaming
+(evaluation inputs, benchmarks) and shards without a manifest.
+
 A shard is a plain POSIX (ustar) tar of samples: `<key>.codes.npy`, `<key>.chroma.npy`,
 `<key>.json`, ... in key order, every header with mtime 0 and owner `musiclora`, so the same
 samples always give the same bytes (and sha256). The reader streams shards from any fsspec URL
