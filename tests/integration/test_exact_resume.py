@@ -93,8 +93,14 @@ def _train_killed(cluster, base: str, name: str, *extra: str) -> str:
     return logs
 
 
-def test_killed_run_ends_where_the_uninterrupted_run_ends(ray_cluster, s3_store, shards, tiny_musicgen_dir):
-    a = _train(ray_cluster, tiny_musicgen_dir, "it-exact-a", "optim.max_steps=8")
+@pytest.fixture(scope="module")
+def run_a(ray_cluster, s3_store, shards, tiny_musicgen_dir) -> dict:
+    """Run A: 8 steps, 2 workers, uninterrupted."""
+    return _train(ray_cluster, tiny_musicgen_dir, "it-exact-a", "optim.max_steps=8")
+
+
+def test_killed_run_ends_where_the_uninterrupted_run_ends(ray_cluster, shards, tiny_musicgen_dir, run_a):
+    a = run_a
     logs = _train_killed(ray_cluster, tiny_musicgen_dir, "it-exact-b", "optim.max_steps=8", "run.max_failures=2")
     starts = [int(s) for s in re.findall(r"starting at step (\d+)", logs)]
     assert starts[0] == 0 and max(starts) in (2, 4), starts  # the group restarted from a checkpoint
@@ -108,7 +114,7 @@ def test_killed_run_ends_where_the_uninterrupted_run_ends(ray_cluster, s3_store,
     assert _max_diff(_adapter(a), _adapter(b)) <= 1e-5
 
 
-def test_resume_with_other_worker_counts_consumes_each_sample_once(ray_cluster, s3_store, shards, tiny_musicgen_dir):
+def test_resume_with_other_worker_counts_consumes_each_sample_once(ray_cluster, shards, tiny_musicgen_dir, run_a):
     """2 workers x 3 steps, then 1 worker x 2 steps, then 4 workers x 2 steps: 12 + 4 + 16 = 32 samples."""
     for workers, steps in ((2, 3), (1, 5), (4, 7)):
         result = _train(ray_cluster, tiny_musicgen_dir, "it-exact-c", f"optim.max_steps={steps}",
@@ -122,7 +128,6 @@ def test_resume_with_other_worker_counts_consumes_each_sample_once(ray_cluster, 
     assert state["data"]["position"] == 32 and state["data"]["epoch"] == 32 // n
     # The adapter follows another trajectory (other batch groupings, 7 steps instead of 8), so it is
     # only close to A's: every tensor within 10x the largest entry of A's trained lora_B.
-    a = _adapter({"adapter_url": "s3://musiclora-it/adapters/it-exact-a"})
-    c = _adapter(result)
+    a, c = _adapter(run_a), _adapter(result)
     scale = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)
     assert 0 < _max_diff(a, c) <= 10 * scale
