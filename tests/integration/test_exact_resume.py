@@ -2,7 +2,8 @@
 
 A: 8 steps uninterrupted. B: the same run with one Train worker SIGKILLed after step 3 (between
 the checkpoints at steps 2 and 4); Ray Train restarts the group from its last checkpoint. B must
-consume A's sample ids in A's order and end with A's adapter (fp32, ZeRO-2, max abs diff 1e-5).
+consume A's sample ids in A's order and end with A's adapter (fp32, max abs diff 1e-5), under
+ZeRO-2 and ZeRO-3.
 C: the same 32 samples consumed by 2, then 1, then 4 workers (a resumed run with another worker
 count): the same ids in the same order, nothing twice, nothing skipped.
 """
@@ -111,6 +112,16 @@ def test_killed_run_ends_where_the_uninterrupted_run_ends(ray_cluster, shards, t
     assert state_a["consumed"] == sample_ids(0, 32, n, 7).tolist()  # 8 steps x 2 workers x batch 2
     assert state_b["consumed"] == state_a["consumed"]
     assert state_b["data"] == state_a["data"] and state_b["optimizer"] == state_a["optimizer"]
+    assert _max_diff(_adapter(a), _adapter(b)) <= 1e-5
+
+
+def test_killed_run_ends_where_the_uninterrupted_run_ends_under_zero3(ray_cluster, shards, tiny_musicgen_dir):
+    stage = "deepspeed.zero_stage=3"
+    a = _train(ray_cluster, tiny_musicgen_dir, "it-exact-a3", "optim.max_steps=8", stage)
+    logs = _train_killed(ray_cluster, tiny_musicgen_dir, "it-exact-b3", "optim.max_steps=8", "run.max_failures=2", stage)
+    assert max(int(s) for s in re.findall(r"starting at step (\d+)", logs)) in (2, 4)
+    b = json.loads(logs.split("MUSICLORA_RESULT ", 1)[1].splitlines()[0])
+    assert _final_state("it-exact-b3")["consumed"] == _final_state("it-exact-a3")["consumed"]
     assert _max_diff(_adapter(a), _adapter(b)) <= 1e-5
 
 
