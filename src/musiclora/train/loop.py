@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             item = next(batches)
             batch = item["batch"]
             window["wait"] += time.time() - t0
-            state["consumed"] += _all_ids(item["ids"], world)
+            state["consumed"] += _all_ids(item["ids"], world, engine.device)
             loss = family.loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -146,12 +146,14 @@ def _validate(engine, family, val_batches, cfg: TrainConfig, state: dict, metric
     return improved
 
 
-def _all_ids(ids: torch.Tensor, world: int) -> list[int]:
-    """The global sample ids of one micro-step on all ranks, in rank order (all-gather of int64 [batch_size])."""
+def _all_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int]:
+    """The global sample ids of one micro-step on all ranks, in rank order (all-gather of int64 [batch_size]
+    on `device`, the process group's: nccl gathers CUDA tensors only)."""
     import torch.distributed as dist
 
     if world == 1 or not dist.is_initialized():
         return ids.tolist()
+    ids = ids.to(device)
     parts = [torch.empty_like(ids) for _ in range(world)]
     dist.all_gather(parts, ids)
     return torch.cat(parts).tolist()
