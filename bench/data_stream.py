@@ -8,6 +8,11 @@ Prints one JSON object:
   DataLoader worker count, samples/s and MB/s (shard bytes / wall time) of a full epoch of
   `ShardStream` + `epoch_loader`, over synthetic shards shaped like MusicGen-Melody's (30 s:
   codes int16 [4, 1500], chroma uint8 [235, 12], caption JSON).
+- `resume`: a 100k-sample manifest (`--resume-samples`, small synthetic samples, 100 per
+  shard) in the store; a run resuming deep into its second epoch: seconds to the first batch
+  (manifest + index load + the batch's ranged reads; target <= 2 s), distinct shards per batch
+  of 16, and bytes read per sample over the sample's own size (no shard prefix re-read: 1.0,
+  target <= 1.05), through `ShardIndex` + `global_batches`.
 - `prepare`: a real corpus (`--corpus`, first `--prepare-tracks` tracks) through `prepare` on
   a local Ray cluster into the store: seconds of input audio per wall second for the whole job
   (Ray Data start-up included) and for the encode step alone in one process (decode, resample,
@@ -33,8 +38,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from musiclora.data.shards import ShardStream, epoch_loader, write_shard
-from musiclora.storage import ensure_bucket, join_url, open_url
+from musiclora.data.indexed import ShardIndex, global_batches
+from musiclora.data.shards import (
+    ShardStream,
+    epoch_loader,
+    records_index,
+    records_to_shard,
+    sample_record,
+    write_shard,
+)
+from musiclora.storage import ensure_bucket, get_fs, join_url, open_url
 from musiclora.store import EmbeddedStore, find_free_s3_port
 
 
@@ -72,6 +85,42 @@ def time_epoch(urls: list[str], total_bytes: int, workers: int, batch_size: int 
     wall = time.perf_counter() - t0
     return {"workers": workers, "samples": n, "wall_s": round(wall, 3), "samples_per_s": round(n / wall, 1),
             "mb_per_s": round(total_bytes / 1e6 / wall, 2)}  # fmt: skip
+
+
+def write_big_manifest(url: str, samples: int, per_shard: int) -> None:
+    """`samples` small samples in shards of `per_shard` at `url` (every shard the same bytes, to write fast)."""
+    records = [sample_record({"__key__": f"k{j:05d}", "codes.npy": _npy(np.full((4, 16), j, dtype=np.int16)),
+                              "json": {"caption": f"synthetic {j}"}}) for j in range(per_shard)]
+    data, index = records_to_shard(records), records_index(records)
+    fs, root = get_fs(url)
+    entries = []
+    for s in range(samples // per_shard):
+        name = f"train-{s:05d}.tar"
+        fs.pipe_file(f"{root}/{name}", data)
+        entries.append({"name": name, "split": "train", "num_samples": per_shard, "num_bytes": len(data), **index})
+    with open_url(join_url(url, "manifest.json"), "wb") as f:
+        f.write(json.dumps({"shards": entries}).encode())
+
+
+def bench_resume(url: str, samples: int, batch_size: int = 16, batches: int = 20) -> dict:
+    """Resume deep into epoch 1 (position 1.73 N) of a `samples`-sample manifest; see the module docstring."""
+    per_shard = 100
+    write_big_manifest(url, samples, per_shard)
+    t0 = time.perf_counter()
+    index = ShardIndex(url)
+    it = global_batches(index, rank=0, world_size=1, batch_size=batch_size, seed=0, position=int(1.73 * samples),
+                        collate=lambda s: s)
+    first = next(it)
+    first_s = time.perf_counter() - t0
+    items = [first] + [next(it) for _ in range(batches - 1)]
+    distinct = [len({int(i) // per_shard for i in item["ids"]}) for item in items]
+    offsets = index._offsets[0][0]
+    own = sum(offsets[int(i) % per_shard + 1] - offsets[int(i) % per_shard] for item in items for i in item["ids"])
+    return {"manifest_samples": index.num_samples, "shards": len(index.urls), "resume_position": int(1.73 * samples),
+            "time_to_first_batch_s": round(first_s, 3), "batch_size": batch_size,
+            "distinct_shards_per_batch": round(sum(distinct) / len(distinct), 2),
+            "bytes_read_over_sample_bytes": round(index.bytes_read / own, 4),
+            "ranged_reads_per_sample": round(index.ranged_reads / (batch_size * batches), 3)}
 
 
 def _free_port() -> int:
@@ -126,6 +175,7 @@ def main() -> None:
     parser.add_argument("--corpus", default="demo")
     parser.add_argument("--prepare-tracks", type=int, default=3)
     parser.add_argument("--no-prepare", action="store_true")
+    parser.add_argument("--resume-samples", type=int, default=100_000)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="musiclora-bench-") as tmp:
@@ -140,6 +190,8 @@ def main() -> None:
                 urls, total = write_synthetic(url, args.samples, args.per_shard)
                 out["stream"][source] = [time_epoch(urls, total, w) for w in args.workers]
                 out["stream"][source + "_shard_mb"] = round(total / 1e6 / len(urls), 2)
+            ensure_bucket("s3://bench-resume")
+            out["resume"] = bench_resume("s3://bench-resume/shards", args.resume_samples)
             if not args.no_prepare:
                 out["prepare"] = bench_prepare(store, work, args.corpus, args.prepare_tracks)
         finally:

@@ -266,7 +266,8 @@ def run_section(name: str, args) -> dict[str, Any]:
                 out["mfu_counted"] = out["flops_per_step_counted"] / step_s / (peak * 1e12)
 
     t0 = time.time()
-    out["val_loss"] = validation_loss(engine, family, [batch, batch])
+    n = len(samples)
+    out["val_loss"] = validation_loss(engine, family, [{"batch": batch, "weight": n}, {"batch": batch, "weight": n}])
     out["val_s"] = time.time() - t0
     if args.profile and device.type == "cuda":
         out["profile"] = _profile_step(engine, family, batch, device)

@@ -17,7 +17,8 @@ Built on Ray Data, so it spreads over a cluster and runs as a Ray job (`ray_jobs
    whole corpus) and cuts them, per split in (track, segment) order, into shards of at most
    `samples_per_shard` samples and `target_shard_mb` MB (`plan_shards` is the same rule); each
    shard is written as `<split>-NNNNN.tar` (with its sha256) as soon as it closes, by a few
-   writer threads. The cut does not depend on how tracks were batched or how many actors ran, so
+   writer threads, with per sample its key and the byte offset of its first tar header
+   (`offsets`, `keys`: what `data/indexed.py` seeks with). The cut does not depend on how tracks were batched or how many actors ran, so
    re-running on the same input and config reproduces the same shards byte for byte (tar
    headers carry no times or owners).
 4. Progress: Ray Data's bars per stage, and a line per written shard (tracks done, samples,
@@ -46,7 +47,7 @@ from musiclora.config import PrepareConfig
 from musiclora.data.analysis import retune_caption
 from musiclora.data.augment import Augmentation, apply_augmentation, draw_augmentations
 from musiclora.data.metadata import load_tracks
-from musiclora.data.shards import MANIFEST, records_to_shard, sample_record
+from musiclora.data.shards import MANIFEST, records_index, records_to_shard, sample_record
 from musiclora.models.base import Segment
 from musiclora.models.families import get_family
 from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, split_url
@@ -54,7 +55,7 @@ from musiclora.storage import ensure_bucket, get_fs, join_url, open_url, split_u
 log = logging.getLogger(__name__)
 
 WRITER_THREADS = 4
-FORMAT = "musiclora-shards/2"
+FORMAT = "musiclora-shards/3"  # 3: per-shard member offsets and keys
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.tar$")
 _FACTS = ("kind", "split", "track", "order", "key", "nbytes", "seconds", "path", "reason")
 
@@ -342,12 +343,14 @@ class StreamingShards:
 def _write_group(group: dict[str, np.ndarray], output_url: str) -> dict[str, list]:
     order = sorted(range(len(group["shard"])), key=lambda i: (int(group["track"][i]), int(group["order"][i])))
     name = str(group["shard"][0])
-    data = records_to_shard([bytes(group["record"][i]) for i in order])
+    records = [bytes(group["record"][i]) for i in order]
+    data = records_to_shard(records)
     with open_url(join_url(output_url, name), "wb") as f:
         f.write(data)
     return {"name": np.asarray([name]), "split": np.asarray([name.split("-")[0]]),
             "num_samples": np.asarray([len(order)]), "num_bytes": np.asarray([len(data)]),
-            "sha256": np.asarray([hashlib.sha256(data).hexdigest()])}  # fmt: skip
+            "sha256": np.asarray([hashlib.sha256(data).hexdigest()]),
+            "index": np.asarray([json.dumps(records_index(records))])}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the job
@@ -467,7 +470,8 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest.json content (see the module docstring); shards sorted by name, skips by path."""
     shards = sorted(({"name": str(s["name"]), "split": str(s["split"]), "num_samples": int(s["num_samples"]),
-                      "num_bytes": int(s["num_bytes"]), "sha256": str(s["sha256"])} for s in shards),
+                      "num_bytes": int(s["num_bytes"]), "sha256": str(s["sha256"]),
+                      **(json.loads(str(s["index"])) if "index" in s else {})} for s in shards),
                     key=lambda s: s["name"])  # fmt: skip
     facts = [{**f, "kind": str(f["kind"]), "seconds": float(f["seconds"]), "path": str(f["path"]),
               "reason": str(f["reason"])} for f in facts]  # fmt: skip

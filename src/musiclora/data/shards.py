@@ -1,5 +1,9 @@
 """WebDataset shards: writing them reproducibly, streaming them back split by rank and worker.
 
+Training reads through `data/indexed.py` instead (random access by member offsets, the global
+order of `data/order.py`, exact resume); `ShardStream` below serves whole-epoch streaming
+(evaluation inputs, benchmarks) and shards without a manifest.
+
 A shard is a plain POSIX (ustar) tar of samples: `<key>.codes.npy`, `<key>.chroma.npy`,
 `<key>.json`, ... in key order, every header with mtime 0 and owner `musiclora`, so the same
 samples always give the same bytes (and sha256). The reader streams shards from any fsspec URL
@@ -108,8 +112,23 @@ def records_to_shard(records: list[bytes]) -> bytes:
     return b"".join(records) + END_OF_ARCHIVE
 
 
+def records_index(records: list[bytes]) -> dict[str, list]:
+    """{"offsets", "keys"} of records concatenated into a shard, for the manifest's random access.
+
+    `offsets` has len(records) + 1 byte offsets (sample i spans offsets[i]:offsets[i+1]; the
+    last is where the end-of-archive marker starts); `keys` are the samples' `__key__`s.
+    """
+    offsets = [0]
+    for r in records:
+        offsets.append(offsets[-1] + len(r))
+    return {"offsets": offsets, "keys": [r[:100].split(b"\0", 1)[0].decode("utf-8").partition(".")[0] for r in records]}
+
+
 def write_records(url: str, records: list[bytes]) -> dict[str, Any]:
-    """Write sample records as one shard at `url`; returns {"url", "num_samples", "num_bytes", "sha256"}.
+    """Write sample records as one shard at `url`.
+
+    Returns:
+        {"url", "num_samples", "num_bytes", "sha256", "offsets", "keys"} (see `records_index`).
 
     Raises:
         StorageError: see `musiclora.storage.open_url`.
@@ -117,7 +136,8 @@ def write_records(url: str, records: list[bytes]) -> dict[str, Any]:
     data = records_to_shard(records)
     with open_url(url, "wb") as f:
         f.write(data)
-    return {"url": url, "num_samples": len(records), "num_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"url": url, "num_samples": len(records), "num_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            **records_index(records)}
 
 
 def write_shard(url: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -128,7 +148,7 @@ def write_shard(url: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
         samples: dicts with `__key__` and fields (see `sample_record`).
 
     Returns:
-        {"url", "num_samples", "num_bytes", "sha256"} of the written shard.
+        {"url", "num_samples", "num_bytes", "sha256", "offsets", "keys"} of the written shard.
     """
     return write_records(url, [sample_record(s) for s in samples])
 

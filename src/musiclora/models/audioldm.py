@@ -242,7 +242,9 @@ class AudioLDMFamily(ModelFamily):
 
         Args:
             model: the `AudioLDM` module (or the DeepSpeed engine / wrapper around it).
-            batch: `collate` output.
+            batch: `collate` output; with `noise_seeds` (int64 [B], validation) each sample's noise and
+                timestep come from its own generator seeded by it, so the loss is a fixed function
+                of the adapter.
 
         Returns:
             float32 scalar, the mean squared error over valid latent frames.
@@ -255,8 +257,7 @@ class AudioLDMFamily(ModelFamily):
         param = next(p for p in inner.unet.parameters())
         x0 = batch["latents"].float() * float(inner.vae.config.scaling_factor)
         b = x0.shape[0]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, int(sched.config.num_train_timesteps), (b,), dtype=torch.long, device=x0.device)
+        noise, t = _noise_and_timesteps(x0, int(sched.config.num_train_timesteps), batch.get("noise_seeds"))
         noisy = sched.add_noise(x0, noise, t)
         kind = sched.config.prediction_type
         if kind == "epsilon":
@@ -439,3 +440,19 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def _noise_and_timesteps(x0: torch.Tensor, num_timesteps: int, seeds: torch.Tensor | None):
+    """Noise shaped like x0 [B, C, T', F'] (float32) and timesteps int64 [B] in [0, num_timesteps).
+
+    From torch's global generator, or with `seeds` (int64 [B]) per sample from
+    `torch.Generator().manual_seed(seed)`: noise first, then the timestep.
+    """
+    if seeds is None:
+        return torch.randn_like(x0), torch.randint(0, num_timesteps, (x0.shape[0],), dtype=torch.long)
+    noise, t = [], []
+    for i, seed in enumerate(seeds.tolist()):
+        g = torch.Generator().manual_seed(int(seed))
+        noise.append(torch.randn(x0.shape[1:], generator=g, dtype=torch.float32))
+        t.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
+    return torch.stack(noise).to(x0.device, x0.dtype), torch.tensor(t, dtype=torch.long)

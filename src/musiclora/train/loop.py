@@ -3,9 +3,12 @@
 load base -> LoRA -> resume from the last checkpoint -> deepspeed.initialize -> stream this
 rank's batches -> step -> (validate, early-stop) -> report -> checkpoint.
 
-Checkpoints are safetensors + JSON only (see `checkpoint.py`). A worker that dies is replaced
-by Ray Train (FailureConfig) and the group resumes from the last checkpoint; re-running the same
-run name under the same storage path resumes too.
+Checkpoints are safetensors + JSON only and hold everything needed to continue identically
+(`checkpoint.py`): adapter, fp32 masters and AdamW moments, the step (= LR schedule position),
+the data position. The data order is a pure function of (seed, position) (`data/order.py`) and
+torch's generator is reseeded every step from (seed, step, rank), so a worker that dies is
+replaced by Ray Train (FailureConfig), the group resumes from the last checkpoint and ends where
+an uninterrupted run would, sample for sample; re-running the same run name resumes too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 
 from musiclora.adapters import apply_lora, trainable_report
 from musiclora.config import TrainConfig
-from musiclora.data.shards import ShardStream, batches_forever, load_manifest, shard_urls
+from musiclora.data.indexed import ShardIndex, global_batches
+from musiclora.data.order import data_position
+from musiclora.data.shards import load_manifest
 from musiclora.models.families import get_family
 from musiclora.train import checkpoint as ckpt
 from musiclora.train.deepspeed import build_ds_config, build_optimizer, model_dtype
@@ -49,11 +54,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = apply_lora(loaded.model, family, cfg.adapter)
     if cfg.optim.gradient_checkpointing:
         family.enable_gradient_checkpointing(model)
-    state, best = ckpt.new_state(), None
+    state, best, opt_tensors = ckpt.new_state(), None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            tensors, best, state = ckpt.read_checkpoint(d)
+            tensors, best, state, opt_tensors = ckpt.read_checkpoint(d)
         set_peft_model_state_dict(family.lora_root(model), tensors)
     model = model.to(model_dtype(cfg)).train()
     if rank == 0:
@@ -65,34 +70,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg),
                                                    args=deepspeed_args(local_device()))
+    if opt_tensors is not None:  # AdamW moments and fp32 masters, re-partitioned over this world size
+        ckpt.restore_optimizer(engine, opt_tensors, state["optimizer"]["step"])
 
-    # 3. This rank's share of the shards, as an endless stream of batches (same count on every rank).
+    # 3. This rank's slice of every global batch, from the checkpoint's stream position.
     collate = lambda samples: family.collate(samples, loaded)
     manifest = load_manifest(cfg.data.shards_url)
-    stream = ShardStream(shard_urls(cfg.data.shards_url, "train", manifest), rank=rank, world_size=world,
-                         seed=cfg.data.seed + state["step"], shuffle_buffer=cfg.data.shuffle_buffer)
-    batches = batches_forever(stream, cfg.data.batch_size, collate, cfg.data.loader_workers)
+    index = ShardIndex(cfg.data.shards_url, "train", manifest)
+    ckpt.check_data_position(state, index.digest, cfg.data.shards_url)
+    batches = global_batches(index, rank, world, cfg.data.batch_size, cfg.data.seed, state["samples"], collate,
+                             cfg.data.loader_workers, shuffle=cfg.data.shuffle_buffer > 0)
     val_batches = []
     if cfg.run.eval_every and manifest["num_samples"].get("val", 0):
-        val_batches = load_val_batches(shard_urls(cfg.data.shards_url, "val", manifest), rank, world,
-                                       cfg.data.batch_size, collate, cfg.data.val_batches, device=engine.device)
+        val_batches = load_val_batches(ShardIndex(cfg.data.shards_url, "val", manifest), rank, world,
+                                       cfg.data.batch_size, collate, cfg.data.val_batches)
 
     # 4. The loop: one optimizer step per `grad_accum` micro-batches.
     window = {"t0": time.time(), "samples": 0, "tokens": 0, "wait": 0.0}
     while state["step"] < cfg.optim.max_steps and not state["stopped_early"]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps)
+        torch.manual_seed(ckpt.step_seed(cfg.data.seed, state["step"], rank))  # dropout etc.: a function of the step
         losses = []
         for _ in range(cfg.optim.grad_accum):
             t0 = time.time()
-            batch = next(batches)
+            item = next(batches)
+            batch = item["batch"]
             window["wait"] += time.time() - t0
+            state["consumed"] += _all_ids(item["ids"], world, engine.device)
             loss = train_step(engine, family, batch)
             losses.append(loss.item())
             window["samples"] += cfg.data.batch_size * world
             window["tokens"] += family.num_tokens(batch) * world
         state["step"] += 1
         state["samples"] += cfg.data.batch_size * cfg.optim.grad_accum * world
+        state["data"] = {**data_position(state["samples"], index.num_samples), "num_samples": index.num_samples,
+                         "shards_digest": index.digest}
         state["losses"].append(sum(losses) / len(losses))
         metrics = {"step": state["step"], "loss": state["losses"][-1], "lr": optimizer.param_groups[0]["lr"]}
 
@@ -151,15 +164,30 @@ def _validate(engine, family, val_batches, cfg: TrainConfig, state: dict, metric
     return improved
 
 
+def _all_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int]:
+    """The global sample ids of one micro-step on all ranks, in rank order (all-gather of int64 [batch_size]
+    on `device`, the process group's: nccl gathers CUDA tensors only)."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return ids.tolist()
+    ids = ids.to(device)
+    parts = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(parts, ids)
+    return torch.cat(parts).tolist()
+
+
 def _report_with_checkpoint(engine, cfg: TrainConfig, family, rank: int, state: dict, metrics: dict, best) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     root = family.lora_root(engine.module)
     tensors = ckpt.gather_lora(engine, root, cfg.deepspeed.zero_stage)  # collective: every rank takes part
+    opt_tensors, opt_step = ckpt.gather_optimizer(engine)  # collective too
     if rank != 0:
         ray.train.report(metrics)
         return
+    state["optimizer"] = {"step": opt_step}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt.write_checkpoint(tmp, root, tensors, best, state)
+        ckpt.write_checkpoint(tmp, root, tensors, best, state, opt_tensors)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

@@ -235,3 +235,28 @@ def test_encode_segments_run_with_the_encoder_on_another_device(family, monkeypa
     with pytest.raises((NotImplementedError, RuntimeError)):  # meta has no values to copy back
         fam.encode_segments(loaded, [seg])
     assert seen and set(seen) == {"meta"}
+
+
+def test_written_shards_carry_member_offsets_the_indexed_reader_seeks_with(tmp_path):
+    """`_write_group` -> `build_manifest` records offsets and keys; `ShardIndex` reads any member by them."""
+    import json as _json
+
+    from musiclora.data.indexed import ShardIndex
+    from musiclora.data.prepare import _write_group
+
+    sf.write(tmp_path / "a.wav", tone(330, 5.0), SR)
+    rows = [r for r in EncodeTask(cfg(tmp_path).model_dump()).encode_track(track(tmp_path / "a.wav", 3))
+            if r["kind"] == "sample"]
+    group = {"shard": np.asarray(["train-00000.tar"] * 3), "track": np.asarray([3, 3, 3]),
+             "order": np.asarray([2, 0, 1]), "record": np.array([rows[i]["record"] for i in (2, 0, 1)], dtype=object)}
+    out = tmp_path / "out"
+    out.mkdir()
+    written = _write_group(group, str(out))
+    row = {k: v[0] for k, v in written.items()}
+    manifest = build_manifest(cfg(tmp_path), "musicgen-melody", [], [], [row], 1.0)
+    (shard,) = manifest["shards"]
+    assert shard["keys"] == [r["key"] for r in rows] and len(shard["offsets"]) == 4
+    assert shard["offsets"][-1] + 1024 == shard["num_bytes"]
+    (out / "manifest.json").write_text(_json.dumps(manifest))
+    got = ShardIndex(str(out)).read([2, 0])
+    assert [g["__key__"] for g in got] == [rows[2]["key"], rows[0]["key"]]
