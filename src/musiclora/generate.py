@@ -61,6 +61,7 @@ def generate(
     reference: str | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    merge: bool = True,
 ) -> dict[str, Any]:
     """Generate `duration_s` seconds for `prompt`, write `out_wav` (PCM 16) and `<out_wav>.png`.
 
@@ -74,6 +75,7 @@ def generate(
             `melody`, so give one of the two.
         device: cpu, cuda or cuda:N (default: cuda if available, else cpu).
         dtype: parameter dtype, float32, float16 or bfloat16.
+        merge: fold the adapter into the base weights before generating (see `load_for_inference`).
 
     Returns:
         {"wav", "reference", "png", "sample_rate", "duration_s", "rms", "adapter", "base", "family", "device"}.
@@ -92,7 +94,7 @@ def generate(
         wav, mel_sr = load_audio(melody or reference)
         mel = to_mono(wav)
     request = GenerationRequest(prompt, duration_s, guidance_scale, seed, steps, mel, mel_sr)
-    fam, loaded = load_for_inference(adapter, base, family, parse_dtype(dtype), dev)
+    fam, loaded = load_for_inference(adapter, base, family, parse_dtype(dtype), dev, merge=merge)
     audio, sr = fam.generate(loaded.model, loaded.tokenizer, request)
     Path(out_wav).parent.mkdir(parents=True, exist_ok=True)
     sf.write(out_wav, np.clip(audio, -1, 1), sr, subtype="PCM_16")

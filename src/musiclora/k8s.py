@@ -38,7 +38,7 @@ IMAGE = "musiclora"
 STORAGE_CONFIGMAP = "musiclora-storage"
 RUNTIME_CONFIGMAP = "musiclora-runtime"
 S3_SECRET = "musiclora-s3"
-API_SECRET = "musiclora-api"  # optional: MUSICLORA_API_KEY, the bearer key of the serve endpoint
+API_SECRET = "musiclora-api"  # required by serving pods: MUSICLORA_API_KEY, the serve endpoint's bearer key
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT, SERVE_PORT = 6379, 8265, 10001, 52365, 8000
 LABELS = {"app.kubernetes.io/name": "musiclora", "app.kubernetes.io/part-of": "musiclora"}
@@ -310,7 +310,7 @@ def ray_pod_template(role: str, image: str, resources: Resources, serve: bool = 
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "ray-logs", "mountPath": "/tmp/ray"}],
     }
     if serve:
-        container["envFrom"].append({"secretRef": {"name": API_SECRET, "optional": True}})
+        container["envFrom"].append({"secretRef": {"name": API_SECRET}})  # fail closed: no key, no pod
     if ports:
         container["ports"] = ports
     return {
@@ -480,7 +480,8 @@ def render(repo: str | Path) -> dict[str, str]:
         _header("src/musiclora/k8s.py")
         + "# The object-store keys every Ray pod reads. Never commit real values: create the Secret with\n"
         + "#   musiclora k8s secret --namespace NS | kubectl apply -f -     (from your AWS_* variables)\n"
-        + f"# The serve endpoint's bearer key is optional (Secret {API_SECRET}, key MUSICLORA_API_KEY):\n"
+        + f"# The serve endpoint's bearer key (Secret {API_SECRET}, key MUSICLORA_API_KEY) is required: the serving\n"
+        + "# pods do not start without it, and the app refuses to start when the variable is empty:\n"
         + f"#   kubectl create secret generic {API_SECRET} --from-literal=MUSICLORA_API_KEY=...\n"
         + dump_yaml(secret_manifest(placeholder)))
     return out

@@ -372,7 +372,8 @@ def test_ray_pods_reach_the_object_store_through_configmap_and_secret(overlay):
 
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs(overlay, "ConfigMap")}
     (secret,) = yaml.safe_load_all((REPO / "k8s/secret.example.yaml").read_text())
-    secrets = {secret["metadata"]["name"]: {k: "from-secret" for k in secret["stringData"]}}
+    secrets = {secret["metadata"]["name"]: {k: "from-secret" for k in secret["stringData"]},
+               k8s.API_SECRET: {"MUSICLORA_API_KEY": "from-api-secret"}}  # created by the user (fail closed)
     for doc in ray_docs(overlay):
         for where, template in pod_templates(doc):
             if where == "submitter":
@@ -381,7 +382,8 @@ def test_ray_pods_reach_the_object_store_through_configmap_and_secret(overlay):
             for ref in template["spec"]["containers"][0]["envFrom"]:
                 if "configMapRef" in ref:
                     env.update(configmaps[ref["configMapRef"]["name"]])  # KeyError: a ConfigMap that is not built
-                elif not ref["secretRef"].get("optional"):
+                else:
+                    assert not ref["secretRef"].get("optional"), "a required Secret must not be optional"
                     env.update(secrets[ref["secretRef"]["name"]])
             settings = StoreSettings.from_env(env)
             assert settings.access_key == settings.secret_key == "from-secret", (doc["metadata"]["name"], where)

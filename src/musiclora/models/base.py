@@ -190,6 +190,9 @@ class ModelFamily(ABC):
             root = PeftModel(root, config, adapter_name)
         try:
             missing = root.load_adapter(adapter_dir, adapter_name=adapter_name).missing_keys
+            # peft keeps a missing key when the adapter name occurs anywhere in it (a substring test), so an
+            # adapter named "y" would count the other adapters' "layers..." keys: keep only this adapter's
+            missing = [k for k in missing if f".{adapter_name}." in k]
             if missing:
                 raise ValueError(
                     f"adapter {adapter_dir}: {len(missing)} LoRA tensors of the {self.name} LoRA root are not in "

@@ -25,8 +25,11 @@ from musiclora.train.checkpoint import BEST, STATE
 from musiclora.train.device import ds_accelerator
 from musiclora.train.loop import train_loop_per_worker
 
-WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+"""What a local `ray.init` passes to the workers in `runtime_env`. No secrets: runtime_env env_vars are
+shown by the Ray dashboard and kept in job metadata, so object-store keys and hub tokens come from the
+nodes' own environment (the processes `ray start` launches inherit it; a KubeRay pod reads a Secret;
+the demo and the test clusters start Ray with them), or from credential files."""
 
 
 class PreflightError(ValueError):
@@ -131,7 +134,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, worker_start_
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment the workers need (object store endpoint and keys, DeepSpeed's accelerator).
+    """Environment the workers need (object store endpoint, DeepSpeed's accelerator); never secrets.
 
     Args:
         use_gpu: the run's `run.use_gpu`; DS_ACCELERATOR is `cuda` for GPU runs and `cpu`

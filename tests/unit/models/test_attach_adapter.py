@@ -159,3 +159,37 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path):
     assert [n for n, _ in plain.named_modules()] == names
     attached = fam.attach_adapter(plain, str(tmp_path / "unet_adapter"))  # the right root still takes it
     assert fam.lora_root(attached).peft_config
+
+
+def test_a_second_adapter_whose_name_is_inside_module_paths_attaches(tmp_path):
+    """peft filters missing keys by substring: an adapter named "y" must not count "layers..." keys."""
+    from tests.serve_helpers import make_random_adapter
+
+    fam = get_family("musicgen-melody")
+    model = fam.load("tiny").model
+    first = make_random_adapter("tiny", str(tmp_path / "a"), 1)
+    second = make_random_adapter("tiny", str(tmp_path / "b"), 2)
+    model = fam.attach_adapter(model, first, adapter_name="x")
+    model = fam.attach_adapter(model, second, adapter_name="y")
+    root = fam.lora_root(model)
+    assert set(root.peft_config) == {"x", "y"} and root.active_adapter == "y"
+    lora_b = [p for n, p in root.named_parameters() if ".lora_B.y." in n]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # loaded, not left at zero
+
+
+@pytest.mark.parametrize("family", ["musicgen-melody", "audioldm"])
+def test_merged_adapter_generates_what_the_unmerged_one_does(family, tmp_path):
+    """`load_for_inference(merge=True)` folds the adapter into the weights: same audio, no LoRA branch."""
+    from musiclora.adapters import load_for_inference
+    from tests.serve_helpers import make_random_adapter
+
+    adapter = make_random_adapter("tiny", str(tmp_path / "a"), 3, family=family)
+    request = GenerationRequest(prompt="calm piano", duration_s=0.5, seed=4, steps=3)
+    fam, plain = load_for_inference(adapter, "tiny", family)
+    _, merged = load_for_inference(adapter, "tiny", family, merge=True)
+    _, base = load_for_inference(None, "tiny", family)
+    a = fam.generate(plain.model, plain.tokenizer, request)[0]
+    b = fam.generate(merged.model, merged.tokenizer, request)[0]
+    assert np.abs(a - b).max() < 1e-3
+    assert not np.allclose(b, fam.generate(base.model, base.tokenizer, request)[0], atol=1e-3)
+    assert all(layer.merged for layer in fam.lora_root(merged.model).modules() if hasattr(layer, "merged"))

@@ -114,3 +114,14 @@ def test_gpu_run_config_and_worker_env(monkeypatch):
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert "zero_force_ds_cpu_optimizer" not in build_ds_config(_cfg())
+
+
+def test_worker_env_carries_no_secrets(monkeypatch):
+    """runtime_env env_vars show in the Ray dashboard and job metadata: keys and tokens stay out."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "HF_TOKEN": "hf_x",
+                        "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    env = worker_env(False)
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333" and env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} & set(env)
+    assert "s3cr3t" not in str(env) and "hf_x" not in str(env)
