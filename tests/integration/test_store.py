@@ -16,20 +16,18 @@ from typer.testing import CliRunner
 from musiclora.cli.store import app
 from musiclora.storage import (
     BucketNotFoundError,
-    EmbeddedStore,
     StorageAccessDeniedError,
     StorageError,
     StoreSettings,
     StoreUnreachableError,
     ensure_bucket,
-    find_free_s3_port,
     get_fs,
     join_url,
     open_url,
-    port_is_free,
     pyarrow_fs,
     storage_options,
 )
+from musiclora.store import EmbeddedStore, find_free_s3_port, port_is_free
 
 pytestmark = pytest.mark.integration
 
