@@ -65,12 +65,13 @@ def test_reader_survives_a_store_restart_mid_epoch(own_store):
     thread = threading.Thread(target=restart_later, daemon=True)
     thread.start()
     got += [s["__key__"] for s in it]  # blocks in retries until the store is back
+    finished_after_restart = restarted.is_set()  # shards 3-6 exist only in the restarted store
     thread.join(timeout=90)
 
-    assert restarted.is_set()
+    assert finished_after_restart
     assert got == keys  # each sample exactly once, in order
-    stats = stream.stats()
-    assert stats["retries"] >= 1 and stats["failed_shards"] == 0 and stats["padded_samples"] == 0
+    stats = stream.stats()  # who retried (s3fs inside, or the reader) depends on timing; nothing may be lost
+    assert stats["failed_shards"] == 0 and stats["padded_samples"] == 0
 
 
 def test_indexed_reader_rides_out_a_30_s_store_outage(own_store):
