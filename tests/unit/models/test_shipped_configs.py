@@ -32,7 +32,8 @@ def test_audioldm2_music_unet_is_350m_and_takes_gpt2_then_t5_states():
     frames = round(family.default_segment_s * spec["frame_rate"])  # 10.24 s -> latents [8, 256, 16]
     with torch.device("meta"):  # index 1 of each block attends to GPT-2 (768), index 2 to T5 (1024)
         out = skel.unet(torch.zeros(2, 8, frames, 64 // 4), torch.zeros(2),
-                        encoder_hidden_states=torch.zeros(2, 8, 768), encoder_hidden_states_1=torch.zeros(2, 20, 1024),
+                        encoder_hidden_states=torch.zeros(2, 8, 768),
+                        encoder_hidden_states_1=torch.zeros(2, 20, 1024),
                         encoder_attention_mask_1=torch.ones(2, 20)).sample
     assert out.shape == (2, 8, 256, 16)
 
