@@ -40,7 +40,7 @@ clean:
 # and the evaluation metrics, base vs adapter, as Markdown (not part of `make test`; < 20 min on 2 cores).
 .PHONY: adaptation-table
 adaptation-table: $(STAMP)
-	$(VENV)/bin/python -m musiclora.cli.evaluate adaptation-table $(ADAPTATION_ARGS)
+	$(VENV)/bin/musiclora adaptation-table $(ADAPTATION_ARGS)
 # Small-op models under OpenMP's default spin-waiting crawl on a shared machine (measured: 1 s of
 # tiny MusicGen generation took 6.8 s with 2 spinning threads, 0.6 s with PASSIVE waiting).
 adaptation-table: export OMP_WAIT_POLICY = PASSIVE

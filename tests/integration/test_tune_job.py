@@ -92,8 +92,12 @@ def test_tune_restores_without_rerunning_finished_trials(ray_cluster, s3_store, 
     rc, out, _ = submit(ray_cluster, "ray_jobs/tune.py", *args, timeout_s=900)
     assert rc == 0, out[-5000:]
     assert "restoring Tune experiment" in out
-    rerun = set(re.findall(r"run it-restore-(\w+): LoRA", out))
-    assert not rerun & set(finished), (rerun, finished)
+    # Tune saves its experiment state every few seconds: a trial that finished just before the stop may
+    # still be recorded as running and is then resumed, from its final checkpoint. No step may run again.
+    started = {tid: int(step) for tid, step in re.findall(r"run it-restore-(\w+): LoRA .*?starting at step (\d+)", out)}
+    again = {tid: step for tid, step in started.items() if tid in finished and step < 6}
+    assert not again, (started, finished)
+    assert len(started) >= 1  # the unfinished trial ran
     from musiclora.tune.report import load_summary
 
     assert len(load_summary(f"file://{tmp_path}/tune", "it-restore")["trials"]) == 2

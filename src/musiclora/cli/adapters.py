@@ -80,3 +80,7 @@ def promote(
     """Move the `latest` pointer of NAME to VERSION (a version that does not exist changes nothing)."""
     v = _run(_registry(registry).promote, name, version, family)
     _print({"family": v.family, "name": v.name, "latest": v.version, "url": v.url})
+
+
+if __name__ == "__main__":  # `python -m musiclora.cli.<group>` runs the group alone
+    app()

@@ -63,3 +63,7 @@ def secret_cmd(
         print(dump_yaml(secret_manifest(os.environ, name=name, namespace=namespace)), end="")
     except K8sRenderError as exc:
         _fail(exc)
+
+
+if __name__ == "__main__":  # `python -m musiclora.cli.<group>` runs the group alone
+    app()

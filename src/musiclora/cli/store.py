@@ -81,3 +81,6 @@ def env(data_dir: Path = DataDir) -> None:
         raise typer.Exit(1)
     typer.echo(_exports(store))
 
+
+if __name__ == "__main__":  # `python -m musiclora.cli.<group>` runs the group alone
+    app()
