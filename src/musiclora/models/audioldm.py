@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from musiclora.models.audioldm_components import (
@@ -89,25 +89,7 @@ class AudioLDMFamily(ModelFamily):
         "attn+out": ATTN + ["ff.net.2"],
     }
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.options = AudioLDMOptions()
-        if options:
-            self.configure(options)
-
-    def configure(self, options: dict[str, Any]) -> AudioLDMFamily:
-        """Validate and apply `model.options` (see `AudioLDMOptions`); returns self.
-
-        Raises:
-            ValueError: an unknown key or a bad value (names `model.options.<key>`).
-        """
-        try:
-            self.options = AudioLDMOptions.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-            )
-            raise ValueError(f"invalid AudioLDM options: {problems}") from None
-        return self
+    options_model = AudioLDMOptions
 
     # ------------------------------------------------------------------ loading
 

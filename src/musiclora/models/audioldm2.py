@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from musiclora.models.audioldm2_components import (
@@ -84,25 +84,7 @@ class AudioLDM2Family(ModelFamily):
         "attn+out": ATTN + ["ff.net.2"],
     }
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.options = AudioLDM2Options()
-        if options:
-            self.configure(options)
-
-    def configure(self, options: dict[str, Any]) -> AudioLDM2Family:
-        """Validate and apply `model.options` (see `AudioLDM2Options`); returns self.
-
-        Raises:
-            ValueError: an unknown key or a bad value (names `model.options.<key>`).
-        """
-        try:
-            self.options = AudioLDM2Options.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-            )
-            raise ValueError(f"invalid AudioLDM2 options: {problems}") from None
-        return self
+    options_model = AudioLDM2Options
 
     # ------------------------------------------------------------------ loading
 

@@ -12,10 +12,11 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 
@@ -349,14 +350,32 @@ class ModelFamily(ABC):
         else:
             raise ValueError(f"{type(base).__name__} has no gradient checkpointing switch")
 
+    options_model: ClassVar[type[BaseModel] | None] = None
+    """The pydantic schema of the family's `model.options` (None: the family takes none)."""
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = self.options_model() if self.options_model else None
+        if options:
+            self.configure(options)
+
     def configure(self, options: dict[str, Any] | None) -> ModelFamily:
-        """Apply family-specific `model.options` (validated by the family); returns self.
+        """Validate and apply family-specific `model.options` against `options_model`; returns self.
 
         Raises:
-            ValueError: options given to a family that takes none (names them).
+            ValueError: options given to a family that takes none (names them), an unknown key or a bad
+                value (names `model.options.<key>` and the value given).
         """
-        if options:
-            raise ValueError(f"model.options: family {self.name!r} takes no options, got {sorted(options)}")
+        if self.options_model is None:
+            if options:
+                raise ValueError(f"model.options: family {self.name!r} takes no options, got {sorted(options)}")
+            return self
+        try:
+            self.options = self.options_model.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+            )
+            raise ValueError(f"invalid {self.name} options: {problems}") from None
         return self
 
     def target_modules(self, preset: str, explicit: list[str] | None = None) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
@@ -137,25 +137,7 @@ class MusicgenMelodyFamily(ModelFamily):
     licence_note = ("the adapter is a derivative of the base model: its licence terms apply "
                     "(facebook/musicgen-melody: CC-BY-NC-4.0 weights)")
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.options = MusicgenOptions()
-        if options:
-            self.configure(options)
-
-    def configure(self, options: dict[str, Any] | None) -> MusicgenMelodyFamily:
-        """Validate and apply `model.options` (see `MusicgenOptions`); returns self.
-
-        Raises:
-            ValueError: an unknown key or a bad value (names `model.options.<key>`).
-        """
-        try:
-            self.options = MusicgenOptions.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-            )
-            raise ValueError(f"invalid MusicGen-Melody options: {problems}") from None
-        return self
+    options_model = MusicgenOptions
 
     def load(self, base: str, dtype: torch.dtype = torch.float32, revision: str | None = None) -> Loaded:
         from transformers import AutoTokenizer, MusicgenMelodyForConditionalGeneration

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
@@ -79,25 +79,7 @@ class StableAudioFamily(ModelFamily):
         "cross-attn": ATTN[4:],
     }
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.options = StableAudioOptions()
-        if options:
-            self.configure(options)
-
-    def configure(self, options: dict[str, Any]) -> StableAudioFamily:
-        """Validate and apply `model.options` (see `StableAudioOptions`); returns self.
-
-        Raises:
-            ValueError: an unknown key or a bad value (names `model.options.<key>`).
-        """
-        try:
-            self.options = StableAudioOptions.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"model.options.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-            )
-            raise ValueError(f"invalid Stable Audio Open options: {problems}") from None
-        return self
+    options_model = StableAudioOptions
 
     # ------------------------------------------------------------------ loading
 
