@@ -13,7 +13,6 @@ depends on diffusers' deprecated AudioLDMPipeline.
 from __future__ import annotations
 
 import copy
-import io
 import math
 from typing import Any, ClassVar, Literal
 
@@ -40,7 +39,7 @@ from musiclora.models.audioldm_components import (
     waveform_to_log_mel,
 )
 from musiclora.models.audioldm_tiny import build_tiny_audioldm
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, npy_bytes, unwrap_to
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_STEPS = 10
@@ -183,10 +182,10 @@ class AudioLDMFamily(ModelFamily):
             meta = dict(seg.meta, caption=seg.caption, num_frames=frames, audio_embed_source=sources[i])
             out.append({
                 "__key__": seg.key,
-                "latents.npy": _npy_bytes(latents[i].to(torch.float16).numpy()),
-                "clap_text.npy": _npy_bytes(text[i].numpy()),
+                "latents.npy": npy_bytes(latents[i].to(torch.float16).numpy()),
+                "clap_text.npy": npy_bytes(text[i].numpy()),
                 "json": meta,
-                **({"clap_audio.npy": _npy_bytes(audio[i].numpy())} if audio is not None else {}),
+                **({"clap_audio.npy": npy_bytes(audio[i].numpy())} if audio is not None else {}),
             })
         return out
 
@@ -405,23 +404,9 @@ def _unet_config(model: AudioLDM):
 
 
 def _container(model: nn.Module) -> AudioLDM:
-    """The `AudioLDM` module under DeepSpeed / other wrappers.
+    """The `AudioLDM` module under DeepSpeed / other wrappers (raises TypeError when there is none)."""
+    return unwrap_to(model, AudioLDM)
 
-    Raises:
-        TypeError: no `AudioLDM` inside `model`.
-    """
-    seen = model
-    while not isinstance(seen, AudioLDM):
-        if not hasattr(seen, "module"):
-            raise TypeError(f"expected an AudioLDM model (or a wrapper of one), got {type(model).__name__}")
-        seen = seen.module
-    return seen
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _noise_and_timesteps(x0: torch.Tensor, num_timesteps: int, seeds: torch.Tensor | None):

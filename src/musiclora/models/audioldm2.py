@@ -13,7 +13,6 @@ UNet adapter. Generation runs the components directly (DDIM + CFG -> VAE decoder
 from __future__ import annotations
 
 import copy
-import io
 import math
 from typing import Any, ClassVar
 
@@ -40,7 +39,7 @@ from musiclora.models.audioldm_components import (
     pad_frames,
     waveform_to_log_mel,
 )
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, npy_bytes, unwrap_to
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TIME = ["time_embedding.linear_1", "time_embedding.linear_2"]
@@ -155,9 +154,9 @@ class AudioLDM2Family(ModelFamily):
             frames = math.ceil(seg.num_valid / HOP_LENGTH / factor)
             out.append({
                 "__key__": seg.key,
-                "latents.npy": _npy_bytes(latents[i].to(torch.float16).numpy()),
-                "t5.npy": _npy_bytes(states.t5[0, :tokens].numpy()),
-                "generated.npy": _npy_bytes(states.generated[0].numpy()),
+                "latents.npy": npy_bytes(latents[i].to(torch.float16).numpy()),
+                "t5.npy": npy_bytes(states.t5[0, :tokens].numpy()),
+                "generated.npy": npy_bytes(states.generated[0].numpy()),
                 "json": dict(seg.meta, caption=seg.caption, num_frames=frames),
             })
         return out
@@ -334,20 +333,6 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _container(model: nn.Module) -> AudioLDM2:
-    """The `AudioLDM2` module under DeepSpeed / other wrappers.
+    """The `AudioLDM2` module under DeepSpeed / other wrappers (raises TypeError when there is none)."""
+    return unwrap_to(model, AudioLDM2)
 
-    Raises:
-        TypeError: no `AudioLDM2` inside `model`.
-    """
-    seen = model
-    while not isinstance(seen, AudioLDM2):
-        if not hasattr(seen, "module"):
-            raise TypeError(f"expected an AudioLDM2 model (or a wrapper of one), got {type(model).__name__}")
-        seen = seen.module
-    return seen
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()

@@ -8,6 +8,7 @@ and `prepare` only ever talk to this interface: no `if family == ...` outside `m
 
 from __future__ import annotations
 
+import io
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -393,3 +394,23 @@ class ModelFamily(ABC):
             )
         return list(self.lora_presets[preset])
 
+
+def unwrap_to(model: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """The first `cls` module found by following `.module` through DeepSpeed / other wrappers.
+
+    Raises:
+        TypeError: no `cls` inside `model` (names both types).
+    """
+    seen = model
+    while not isinstance(seen, cls):
+        if not hasattr(seen, "module"):
+            raise TypeError(f"expected an {cls.__name__} model (or a wrapper of one), got {type(model).__name__}")
+        seen = seen.module
+    return seen
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as .npy file bytes (no pickle), the encoding of shard fields like `codes.npy`."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

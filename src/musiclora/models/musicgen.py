@@ -8,7 +8,6 @@ cross-entropy averaged over the K codebooks, padding masked (audiocraft `solvers
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, npy_bytes
 from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
 from musiclora.models.chroma import melody_chroma, null_chroma, zero_padded_chroma
 from musiclora.models.tiny_tokenizer import build_t5_tokenizer
@@ -216,8 +215,8 @@ class MusicgenMelodyFamily(ModelFamily):
                         chroma_source="melody_path" if seg.meta.get("melody_path") else "mix")
             out.append({
                 "__key__": seg.key,
-                "codes.npy": _npy_bytes(codes[i].to(torch.int16).numpy()),
-                "chroma.npy": _npy_bytes(chroma[i].to(torch.uint8).numpy()),
+                "codes.npy": npy_bytes(codes[i].to(torch.int16).numpy()),
+                "chroma.npy": npy_bytes(chroma[i].to(torch.uint8).numpy()),
                 "json": meta,
             })
         return out
@@ -416,8 +415,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
             break
     raise TypeError(f"expected a MusicGen-Melody transformers model (or a wrapper of one), got {type(model).__name__}")
 
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()

@@ -12,7 +12,6 @@ is a plain diffusers transformer adapter. Generation runs the components directl
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from typing import Any, ClassVar
@@ -22,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment
+from musiclora.models.base import GenerationRequest, Loaded, ModelFamily, Segment, npy_bytes, unwrap_to
 from musiclora.models.stable_audio_components import (
     SAMPLE_RATE,
     StableAudio,
@@ -151,8 +150,8 @@ class StableAudioFamily(ModelFamily):
                         seconds_start=start, seconds_total=total)
             out.append({
                 "__key__": seg.key,
-                "latents.npy": _npy_bytes(latents[i].float().cpu().to(torch.float16).numpy()),
-                "t5.npy": _npy_bytes(states[i, : int(mask[i].sum())].numpy()),
+                "latents.npy": npy_bytes(latents[i].float().cpu().to(torch.float16).numpy()),
+                "t5.npy": npy_bytes(states[i, : int(mask[i].sum())].numpy()),
                 "json": meta,
             })
         return out
@@ -303,20 +302,6 @@ def _stereo(audio: np.ndarray, key: str) -> np.ndarray:
 
 
 def _container(model: nn.Module) -> StableAudio:
-    """The `StableAudio` module under DeepSpeed / other wrappers.
+    """The `StableAudio` module under DeepSpeed / other wrappers (raises TypeError when there is none)."""
+    return unwrap_to(model, StableAudio)
 
-    Raises:
-        TypeError: no `StableAudio` inside `model`.
-    """
-    seen = model
-    while not isinstance(seen, StableAudio):
-        if not hasattr(seen, "module"):
-            raise TypeError(f"expected a StableAudio model (or a wrapper of one), got {type(model).__name__}")
-        seen = seen.module
-    return seen
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
