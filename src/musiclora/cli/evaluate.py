@@ -15,8 +15,10 @@ import typer
 from musiclora.cli.errors import console, fail
 
 
-def _embedder_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+def _embedder_list(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
         raise typer.BadParameter("give at least one embedder, e.g. clap,encodec,crepe-tiny")
     return names
@@ -34,12 +36,16 @@ def evaluate(
     base: str = typer.Option(None, help="base model (hub id, folder, 'tiny'); default: the adapter card's"),
     family: str = typer.Option(None, help="model family; default: the adapter card's"),
     clap: str = typer.Option(
-        "tiny", help="CLAP model: 'tiny' (random) or a hub id / folder, e.g. laion/larger_clap_music"
+        None,
+        help="CLAP checkpoint for the CLAP score and the clap embedder: a hub id or folder, e.g. "
+        "laion/larger_clap_music. Without it both are left out (the reason is printed). "
+        "'tiny' = a random tiny CLAP for tests, labelled not a real score",
     ),
     embedders: str = typer.Option(
-        "clap,encodec,crepe-tiny",
-        help="KAD/FAD embedders, comma-separated; "
-        "clap, encodec, encodec:<hub id>, crepe-tiny, crepe-full, mel-stats",
+        None,
+        help="KAD/FAD embedders, comma-separated; the first gives kad / fad: "
+        "clap, encodec, encodec:<hub id>, crepe-tiny, crepe-full, mel-stats "
+        "[default: clap,encodec,crepe-tiny, each where available]",
     ),
     duration_s: float = typer.Option(4.0, min=0.5, max=60.0, help="seconds generated per prompt"),
     guidance_scale: float = typer.Option(3.0, min=0.0),
@@ -57,7 +63,7 @@ def evaluate(
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = EvalSettings(
-        base=base, family=family, clap=clap, embedders=tuple(_embedder_list(embedders)), duration_s=duration_s,
+        base=base, family=family, clap=clap, embedders=_embedder_list(embedders), duration_s=duration_s,
         guidance_scale=guidance_scale, max_reference_clips=max_reference_clips, reference_split=reference_split,
         music=music,
     )
@@ -65,13 +71,17 @@ def evaluate(
         result = run_evaluate(adapter, prompts, reference, out, settings)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError, StorageError) as exc:
         fail(exc)
+    from musiclora.eval.embeddings import describe_embedder
     from musiclora.eval.report import clean_json
 
+    ev = result.evaluator
     print(
         json.dumps(
             clean_json(
                 {
                     "files": result.info["files"],
+                    "embedders": {k: describe_embedder(e)["label"] for k, e in ev.embedders.items()},
+                    "left_out": ev.left_out,
                     "base": result.scores["base"].metrics,
                     "adapter": result.scores["adapter"].metrics,
                 }

