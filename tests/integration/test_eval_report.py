@@ -251,12 +251,17 @@ def test_evaluate_from_the_object_store_renders_without_console_errors(
             str(out),
             "--duration-s",
             "1.5",
+            "--clap",
+            "tiny",
             "--embedders",
             "clap,encodec," + PITCH,
         ],
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
+    # the tiny CLAP is asked for here, and labelled as such wherever a figure comes from it
+    assert metrics["clap"]["label"] == metrics["embedders"]["clap"]["label"] == "clap (tiny random — not a real score)"
+    assert "clap (tiny random — not a real score)" in (out / "report.html").read_text()
     assert metrics["reference"]["origin"] == f"{shards} (val split)"
     assert metrics["reference"]["clips"] == 6 and metrics["reference"]["notes"]["decoded_from_codes"] == 0
     assert metrics["metrics"]["adapter"]["chroma_cosine"] is not None

@@ -80,7 +80,13 @@ def test_evaluate_command_writes_the_report(tiny_musicgen_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(printed) == {"files", "base", "adapter"} and "kad_mel_stats" in printed["adapter"]
+    assert set(printed) == {"files", "embedders", "left_out", "base", "adapter"}
+    # no --clap: no CLAP score, no CLAP KAD/FAD, the reason printed once; mel-stats still runs
+    assert "kad_mel_stats" in printed["adapter"] and printed["adapter"]["kad"] == printed["adapter"]["kad_mel_stats"]
+    assert "clap_score" not in printed["adapter"] and "kad_clap" not in printed["adapter"]
+    assert set(printed["left_out"]) == {"clap_score", "kad_clap", "fad_clap"}
+    assert result.stderr.count("no CLAP checkpoint given") == 1
+    assert printed["embedders"] == {"mel_stats": "mel-stats (no model: log-mel mean and std)"}
     assert (tmp_path / "out" / "report.html").exists() and (
         tmp_path / "out" / "audio" / "p001_adapter.wav"
     ).exists()

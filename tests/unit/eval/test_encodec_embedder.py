@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from musiclora.eval.embeddings import Embedder, EncodecEmbedder, load_encodec
+from musiclora.eval.embeddings import Embedder, EncodecEmbedder, describe_embedder, load_encodec
 from musiclora.eval.metrics import kad
 
 SR = 32000
@@ -84,3 +84,16 @@ def test_encodec_embedder_rejects_bad_input(codec):
 def test_load_encodec_names_the_missing_model(tmp_path):
     with pytest.raises(ValueError, match="cannot load an EnCodec model from"):
         load_encodec(str(tmp_path / "nothing-here"))
+
+
+def test_a_codec_folder_loads_through_from_pretrained_and_a_tiny_one_is_labelled_random(codec, tmp_path):
+    codec.save_pretrained(tmp_path / "codec")
+    emb = load_encodec(str(tmp_path / "codec"))
+    clip = [_tone(220)]
+    np.testing.assert_allclose(emb(clip), EncodecEmbedder(codec)(clip), rtol=1e-5, atol=1e-6)
+    assert describe_embedder(emb) == {
+        "name": f"encodec:{tmp_path / 'codec'}", "model": str(tmp_path / "codec"), "random_weights": True,
+        "label": f"encodec ({tmp_path / 'codec'}; random — not a real score)",
+    }
+    real = EncodecEmbedder(codec, source="facebook/encodec_32khz", random_weights=False)
+    assert describe_embedder(real)["label"] == "encodec (facebook/encodec_32khz)"
