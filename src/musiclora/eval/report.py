@@ -84,6 +84,12 @@ def _describe(ev) -> dict[str, Any]:
     }
 
 
+def _row_label(metric: str, clap: dict[str, Any] | None) -> str:
+    """`metric_label`, with the CLAP model behind the CLAP score ("..., clap (tiny random — not a real score)")."""
+    label = metric_label(metric)
+    return f"{label}, {clap['label']}" if metric == "clap_score" and clap else label
+
+
 def _arrow(metric: str) -> str:
     d = scoring.direction(metric)
     return "higher" if d else ("lower" if d is False else "-")
@@ -166,12 +172,9 @@ def _summary_rows(data: dict[str, Any]) -> list[list[str]]:
         if k not in adapter:
             continue
         n = f"{counts['base'].get(k, 0)}/{counts['adapter'].get(k, 0)} of {len(data['prompts'])}"
-        label = metric_label(k)
-        if k == "clap_score" and data.get("clap"):
-            label += f", {data['clap']['label']}"
         rows.append(
             [
-                label,
+                _row_label(k, data.get("clap")),
                 _arrow(k),
                 fmt(base.get(k)),
                 fmt(adapter.get(k)),
@@ -233,9 +236,9 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _prompt_rows(entry: dict[str, Any]) -> list[list[str]]:
+def _prompt_rows(entry: dict[str, Any], clap: dict[str, Any] | None) -> list[list[str]]:
     keys = [k for k in scoring.PER_CLIP if k in entry["base"] or k in entry["adapter"]]
-    return [[metric_label(k), fmt(entry["base"].get(k)), fmt(entry["adapter"].get(k))] for k in keys]
+    return [[_row_label(k, clap), fmt(entry["base"].get(k)), fmt(entry["adapter"].get(k))] for k in keys]
 
 
 def _settings_rows(data: dict[str, Any]) -> list[list[str]]:
@@ -275,7 +278,7 @@ def _players_html(items: list[tuple[str, str]]) -> str:
     return f'<div class="players">{figs}</div>'
 
 
-def _prompt_section(result, i: int, entry: dict[str, Any], out: Path) -> tuple[str, str]:
+def _prompt_section(result, i: int, entry: dict[str, Any], out: Path, clap: dict | None) -> tuple[str, str]:
     """Write prompt i's WAVs and spectrogram PNG; return its Markdown and HTML sections."""
     from musiclora.audio import resample
 
@@ -294,7 +297,7 @@ def _prompt_section(result, i: int, entry: dict[str, Any], out: Path) -> tuple[s
     _spectrograms(out / png, rows, sr, f"{p.id}: {p.text}")
     head = f"{p.id}: {p.text}"
     meta = f"seed {p.seed}" + (f", melody {p.melody_source}" if p.melody_source else "")
-    table = _prompt_rows(entry)
+    table = _prompt_rows(entry, clap)
     links = " · ".join(f"[{name}]({src})" for name, src in players)
     md = f"### {head}\n\n{meta}\n\n{links}\n\n![spectrograms of {p.id}]({png})\n\n" + md_table(
         ["metric", "base", "adapter"], table
@@ -327,7 +330,7 @@ def write_report(
     ev = result.evaluator
     data = comparison_to_dict(result)
     (out / "metrics.json").write_text(json.dumps(data, indent=2))
-    sections = [_prompt_section(result, i, data["prompts"][i], out) for i in range(len(ev.prompts))]
+    sections = [_prompt_section(result, i, data["prompts"][i], out, data["clap"]) for i in range(len(ev.prompts))]
     ref_players = []
     for j, wav in enumerate(ev.reference.wavs[:REFERENCE_PLAYERS]):
         _write_wav(out / "audio" / f"reference_{j}.wav", wav, ev.sample_rate)

