@@ -6,8 +6,9 @@ Built on Ray Data, so it spreads over a cluster and runs as a Ray job (`ray_jobs
    bucket of audio); bad rows become skips.
 2. Encode (a pool of actors, each loading the family's encoder once, on a GPU in bf16 when the
    config gives them `encoder_gpus` and `encode_precision: bf16`; `tracks_per_task` tracks per
-   batch, `encode_batch_size` segments per forward pass): per track decode -> the family's channels (`ModelFamily.channels`: mono, or
-   stereo for Stable Audio Open) -> trim silence -> resample -> loudness-normalise ->
+   batch, `encode_batch_size` segments per forward pass): per track decode -> the family's
+   channels (`ModelFamily.channels`: mono, or stereo for Stable Audio Open) -> trim silence ->
+   resample -> loudness-normalise ->
    optional augmented copies (pitch shift, time stretch, noise) -> segments (length, hop,
    minimum configurable) -> family features (EnCodec codes + melody chroma + caption for
    MusicGen-Melody), each sample serialised as its tar record. Every bad file (missing, corrupt,
