@@ -12,6 +12,7 @@ answered here with a 4xx and a reason before any model is touched:
 | body or melody upload too large, melody too long | 413 |
 | content type other than JSON / multipart / urlencoded form, melody that is not decodable audio | 415 |
 | wrong types, unknown fields, bad adapter reference (`../`, `/`, URLs ...), out-of-range values | 422 |
+| a request the model's family refuses (`ValueError`: a melody to a text-only family, a duration past its window) | 422 |
 | too many requests in flight (bounded queue) | 429 + Retry-After |
 
 A melody upload is read only behind the in-flight gate (`max_pending`): its duration comes from
@@ -392,6 +393,8 @@ class _Api:
             raise _fail(404, str(exc)) from exc
         except AdapterLoadError as exc:
             raise _fail(422, str(exc)) from exc
+        except ValueError as exc:  # the family refuses the request (e.g. a melody to a text-only model)
+            raise _fail(422, f"model {model.name!r} ({model.family}) cannot run this request: {exc}") from exc
         except TimeoutError as exc:
             raise _fail(504, f"generation took longer than {self.limits.request_timeout_s} s") from exc
         finally:

@@ -40,10 +40,14 @@ def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None =
     Args:
         path: where to write the merged YAML.
         http_port: Serve's HTTP port on 127.0.0.1.
-        args: merged into the application's `args` (`models` replaces the list).
+        args: merged into the application's `args` (`models` replaces the list; the shipped
+            `Model-<name>` deployments of models no longer in the list are dropped, since Serve
+            refuses settings for a deployment the app does not build).
         deployments: deployment name -> settings merged into that deployment's entry (added if new).
         app: other keys merged into the application entry (e.g. `runtime_env`).
     """
+    from serve.app import MODEL_PREFIX
+
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = http_port
     entry = merge(config["applications"][0], app or {})
@@ -51,7 +55,8 @@ def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None =
     deps = {d["name"]: d for d in entry.get("deployments", [])}
     for name, over in (deployments or {}).items():
         deps[name] = merge(deps.get(name, {"name": name}), over)
-    entry["deployments"] = list(deps.values())
+    served = {MODEL_PREFIX + m["name"] for m in entry["args"]["models"]}
+    entry["deployments"] = [d for d in deps.values() if not d["name"].startswith(MODEL_PREFIX) or d["name"] in served]
     config["applications"][0] = entry
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     return Path(path)

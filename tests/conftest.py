@@ -58,6 +58,22 @@ def tiny_musicgen_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return get_family("musicgen-melody").save_tiny(str(tmp_path_factory.mktemp("tiny_musicgen")))
 
 
+@pytest.fixture(scope="session")
+def tiny_audioldm2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny AudioLDM2 written as a save_pretrained folder (loadable by plain diffusers)."""
+    from musiclora.models.families import get_family
+
+    return get_family("audioldm2").save_tiny(str(tmp_path_factory.mktemp("tiny_audioldm2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_stable_audio_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Stable Audio Open written as a save_pretrained folder (loadable by plain diffusers)."""
+    from musiclora.models.families import get_family
+
+    return get_family("stable-audio-open").save_tiny(str(tmp_path_factory.mktemp("tiny_stable_audio")))
+
+
 # --------------------------------------------------------------------------- Ray
 
 

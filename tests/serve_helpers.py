@@ -42,13 +42,15 @@ def wav_bytes_to_array(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def reference_audio(base: str, adapter_dir: str | None, prompt: str, duration_s: float, seed: int,
-                    guidance_scale: float = 3.0, family: str = "musicgen-melody") -> np.ndarray:
+                    guidance_scale: float = 3.0, family: str = "musicgen-melody",
+                    steps: int | None = None) -> np.ndarray:
     """What the server should return, computed here: the base (+ adapter) through the family, as PCM 16."""
     from musiclora.adapters import load_for_inference
     from musiclora.models.base import GenerationRequest
 
     fam, loaded = load_for_inference(adapter_dir, base, family)
-    audio, sr = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt, duration_s, guidance_scale, seed))
+    audio, sr = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt, duration_s, guidance_scale, seed,
+                                                                                  steps))
     buf = io.BytesIO()
     sf.write(buf, np.clip(audio, -1, 1), sr, subtype="PCM_16", format="WAV")
     return wav_bytes_to_array(buf.getvalue())[0]

@@ -186,6 +186,38 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"to_mono expects audio of shape [C, L] or [L], got shape {x.shape}")
 
 
+def to_channels(x: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Give a waveform the channel count a model takes.
+
+    Args:
+        x: float waveform, shape [C, L] or mono [L].
+        channels: 1 (mono, the downmix of `to_mono`) or 2 (stereo: a stereo source as it is, a mono
+            source, [L] or [1, L], duplicated to dual mono).
+
+    Returns:
+        float32 waveform: [L] for `channels` 1, else [channels, L].
+
+    Raises:
+        ValueError: `channels` is not 1 or 2, `x` is not 1-D or 2-D, or `x` has a channel count other
+            than 1 or `channels` (a 5.1 file for a stereo model: mix it down to stereo first).
+    """
+    if channels not in (1, 2):
+        raise ValueError(f"channels must be 1 (mono) or 2 (stereo), got {channels!r}")
+    if channels == 1:
+        return to_mono(x)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"to_channels expects audio of shape [C, L] or [L], got shape {x.shape}")
+    if x.shape[0] == 1:
+        return np.repeat(x, channels, axis=0)
+    if x.shape[0] != channels:
+        raise ValueError(f"audio has {x.shape[0]} channels; a {channels}-channel model takes mono or "
+                         f"{channels}-channel input")
+    return x
+
+
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Change the sample rate with librosa's ``soxr_hq`` resampler (band-limited, high quality).
 
@@ -420,19 +452,24 @@ def preprocess(
     sr: int,
     target_sr: int,
     *,
+    channels: int = 1,
     trim_db: float | None = 40.0,
     normalize: Literal["loudness", "peak"] | None = "loudness",
     target_lufs: float = -14.0,
     peak_db: float = -1.0,
 ) -> np.ndarray:
-    """The standard chain: mono -> trim silence -> resample -> normalise.
+    """The standard chain: mono (or the model's channels) -> trim silence -> resample -> normalise.
 
-    Trimming runs before resampling so the resampler does not work on silence.
+    Trimming runs before resampling so the resampler does not work on silence. With `channels` 2
+    (Stable Audio Open's stereo) a stereo source keeps its two channels and a mono one is
+    duplicated (see `to_channels`); trimming keeps a frame where any channel is loud enough, and
+    loudness normalisation applies one gain to both channels (BS.1770 sums the channels).
 
     Args:
         x: float waveform, shape [C, L] or [L], at `sr`.
         sr: sample rate of `x` in Hz.
         target_sr: output sample rate in Hz (e.g. 32000 for MusicGen's EnCodec, 16000 for AudioLDM).
+        channels: output channels, 1 (mono downmix, the default) or 2 (`ModelFamily.channels`).
         trim_db: `trim_silence` threshold in dB below the loudest frame; None skips trimming.
         normalize: "loudness" (`normalize_loudness` to `target_lufs`, peak ceiling `peak_db`),
             "peak" (`normalize_peak` to `peak_db`), or None.
@@ -440,14 +477,14 @@ def preprocess(
         peak_db: peak target (for "peak") or ceiling (for "loudness") in dBFS.
 
     Returns:
-        float32 mono waveform, shape [L'], at `target_sr`.
+        float32 waveform at `target_sr`: mono [L'] for `channels` 1, else [channels, L'].
 
     Raises:
-        ValueError: for a bad shape, sample rate or `normalize` value.
+        ValueError: for a bad shape, channel count, sample rate or `normalize` value.
     """
     if normalize not in ("loudness", "peak", None):
         raise ValueError(f"preprocess: normalize must be 'loudness', 'peak' or None, got {normalize!r}")
-    y = to_mono(x)
+    y = to_channels(x, channels)
     if trim_db is not None:
         y = trim_silence(y, sr, top_db=trim_db)
     y = resample(y, sr, target_sr)

@@ -129,12 +129,16 @@ SERVE_WORKERS = WorkerGroup("workers", Resources("2", "8Gi"), 1, 4)
 # KubeRay's serve Service on port 8000, and the code is in the image (no working_dir upload).
 SERVE_K8S: dict[str, Any] = {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT}}
 # What the `gpu` overlay changes in the served app (lists of named entries merge by `name`).
+# Every served model gets its real-size base and one GPU per replica.
+SERVE_GPU_BASES = {"musicgen-melody": "facebook/musicgen-melody", "audioldm2": "cvssp/audioldm2-music",
+                   "stable-audio-open": "stabilityai/stable-audio-open-1.0"}
 SERVE_GPU: dict[str, Any] = {
     "applications": [{
         "name": "musiclora",
-        "args": {"models": [{"name": "musicgen-melody", "base": "facebook/musicgen-melody", "base_aliases": [],
-                             "torch_threads": 4, "device": "cuda", "dtype": "bfloat16"}]},
-        "deployments": [{"name": "Model-musicgen-melody", "ray_actor_options": {"num_cpus": 4, "num_gpus": 1}}],
+        "args": {"models": [{"name": name, "base": base, "base_aliases": [], "torch_threads": 4, "device": "cuda",
+                             "dtype": "bfloat16"} for name, base in SERVE_GPU_BASES.items()]},
+        "deployments": [{"name": f"Model-{name}", "ray_actor_options": {"num_cpus": 4, "num_gpus": 1}}
+                        for name in SERVE_GPU_BASES],
     }],
 }
 

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.integration
 SHARDS = "s3://musiclora-it/shards/audioldm2/corpus"
 
 
-@pytest.fixture(scope="module")
-def tiny_audioldm2_dir(tmp_path_factory):
-    from musiclora.models.families import get_family
-
-    return get_family("audioldm2").save_tiny(str(tmp_path_factory.mktemp("tiny_audioldm2")))
-
-
 def test_audioldm2_lora_job_end_to_end(ray_cluster, s3_store, corpus_metadata, tiny_audioldm2_dir, tmp_path):
     os.environ.update(s3_store.env())
     rc, out, result = submit(

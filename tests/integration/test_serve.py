@@ -2,8 +2,10 @@
 
 Two train-free adapters (random LoRA B on the tiny MusicGen-Melody) are published to the registry;
 the application runs from the shipped config (ports, registry, limits and faster autoscaling
-delays overridden). Checked: the same seed gives different audio for adapters A and B, the base
-request gives exactly the base model's audio, bad input is a 4xx, and a bounded burst from 8
+delays overridden), with all of its models: MusicGen-Melody, AudioLDM2 and Stable Audio Open on
+their tiny bases. Checked: the same seed gives different audio for adapters A and B, the base
+request gives exactly the base model's audio, an adapter of each diffusion family is routed to its
+family's model and gives that family's audio, bad input is a 4xx, and a bounded burst from 8
 clients finishes without a 5xx while the model deployment scales 1 -> 2 -> 1.
 """
 
@@ -21,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from musiclora.adapter_registry import Registry
 from musiclora.client import ServiceClient, ServiceError, generate_to_file
@@ -42,11 +45,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, s3_store, tiny_musicgen_dir, tmp_path_factory):
+def service(ray_cluster, s3_store, tiny_musicgen_dir, tiny_audioldm2_dir, tiny_stable_audio_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:
         for name, value in s3_store.env().items():
             mp.setenv(name, value)
+        bases = {"audioldm2": tiny_audioldm2_dir, "stable-audio-open": tiny_stable_audio_dir}
         bucket = f"s3://serve-{uuid.uuid4().hex[:10]}"
         ensure_bucket(bucket)
         registry = Registry(f"{bucket}/registry")
@@ -58,13 +62,18 @@ def service(ray_cluster, s3_store, tiny_musicgen_dir, tmp_path_factory):
             tmp / "config.yaml", _free_port(),
             args={"registry_url": registry.url, "api_key_env": "MUSICLORA_TEST_API_KEY",
                   "models": [{"name": "musicgen-melody", "family": "musicgen-melody", "base": tiny_musicgen_dir,
-                              "max_adapters": 2, "max_batch_size": 4, "torch_threads": 1}],
+                              "max_adapters": 2, "max_batch_size": 4, "torch_threads": 1},
+                             *({"name": family, "family": family, "base": base, "max_adapters": 1,
+                                "torch_threads": 1} for family, base in bases.items())],
                   "limits": {"max_duration_s": 4, "max_upload_bytes": 100_000, "max_pending": 64}},
             deployments={MODEL: {"autoscaling_config": {"upscale_delay_s": 1, "downscale_delay_s": 6,
                                                         "look_back_period_s": 2}}},
             app={"runtime_env": {"env_vars": {"MUSICLORA_TEST_API_KEY": KEY}}},
         )
         env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
+        # every model of the shipped config is served (its deployments come with it)
+        assert {m["name"] for m in yaml.safe_load(config.read_text())["applications"][0]["args"]["models"]} == {
+            MODEL.removeprefix("Model-"), *bases}
         run = ServeRun(config, ray_cluster.address, env={**env, **s3_store.env()}).start(timeout_s=400)
         try:
             token = ray_cluster.token_file.read_text().strip()
@@ -72,7 +81,8 @@ def service(ray_cluster, s3_store, tiny_musicgen_dir, tmp_path_factory):
             deadline = time.monotonic() + 300
             while watch()["states"] != {"RUNNING": 1} and time.monotonic() < deadline:
                 time.sleep(1)
-            yield {"url": run.url, "dirs": dirs, "base": tiny_musicgen_dir, "watch": watch, "registry": registry}
+            yield {"url": run.url, "dirs": dirs, "base": tiny_musicgen_dir, "watch": watch, "registry": registry,
+                   "bases": bases, "tmp": tmp, "token": token, "dashboard": ray_cluster.dashboard_url}
         finally:
             run.stop()
 
@@ -131,6 +141,36 @@ def test_bad_input_is_a_4xx_and_the_service_keeps_serving(service):
         ServiceClient(url, api_key="wrong").generate("x")
     assert err.value.status == 401
     assert _post(url, json={"prompt": "still here", "duration_s": 0.2, "adapter": "beta"}).status_code == 200
+
+
+@pytest.mark.parametrize("family, sample_rate", [("audioldm2", 16_000), ("stable-audio-open", 44_100)])
+def test_an_adapter_of_each_diffusion_family_runs_on_its_model(service, family, sample_rate):
+    """The adapter is routed to its family's deployment (by its card), changes the audio, and the served
+    clip is what the family gives in process with the same adapter, seed and steps; a melody upload to
+    these text-only families is a 422 with the family's reason."""
+    base, name = service["bases"][family], f"{family}-a"
+    adapter_dir = make_random_adapter(base, str(service["tmp"] / name), 3, family=family)
+    service["registry"].publish(adapter_dir, name)
+    deadline = time.monotonic() + 120
+    watch = functools.partial(replicas, service["dashboard"], service["token"], f"Model-{family}")
+    while watch()["states"] != {"RUNNING": 1} and time.monotonic() < deadline:
+        time.sleep(1)
+    client = ServiceClient(service["url"], api_key=KEY)
+    ask = {"duration_s": 0.5, "seed": 7, "steps": 2}
+    clips = {"adapter": client.generate("slow strings", adapter=name, **ask),
+             "base": client.generate("slow strings", model=family, **ask)}
+    for clip in clips.values():
+        assert clip.params["family"] == family and clip.params["model"] == family, clip.params
+        assert clip.params["sample-rate"] == str(sample_rate) and clip.params["steps"] == "2"
+    assert clips["adapter"].params["adapter"] == f"{name}@1" and clips["base"].params["adapter"] == "none"
+    audio = {k: wav_bytes_to_array(c.audio) for k, c in clips.items()}
+    assert all(sr == sample_rate and len(a) == sample_rate // 2 for a, sr in audio.values())
+    assert np.mean(np.abs(audio["adapter"][0] - audio["base"][0]) > 2 / 32768) > 0.5  # the adapter moves most samples
+    want = reference_audio(base, adapter_dir, "slow strings", 0.5, 7, family=family, steps=2)
+    np.testing.assert_allclose(audio["adapter"][0], want, rtol=0, atol=2 / 32768)
+    r = _post(service["url"], json={"prompt": "x", "model": family, "melody_b64": base64.b64encode(clips["base"].audio)
+                                    .decode()})
+    assert r.status_code == 422 and "text only" in r.json()["detail"], r.text
 
 
 def test_burst_scales_up_and_back_without_5xx(service):

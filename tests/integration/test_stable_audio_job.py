@@ -20,13 +20,6 @@ pytestmark = pytest.mark.integration
 SHARDS = "s3://musiclora-it/shards/stable-audio-open/corpus"
 
 
-@pytest.fixture(scope="module")
-def tiny_stable_audio_dir(tmp_path_factory):
-    from musiclora.models.families import get_family
-
-    return get_family("stable-audio-open").save_tiny(str(tmp_path_factory.mktemp("tiny_stable_audio")))
-
-
 def test_stable_audio_lora_job_end_to_end(ray_cluster, s3_store, corpus_metadata, tiny_stable_audio_dir, tmp_path):
     os.environ.update(s3_store.env())
     rc, out, result = submit(

@@ -21,6 +21,7 @@ from musiclora.audio import (
     resample,
     rms_db,
     segment,
+    to_channels,
     to_mono,
     trim_silence,
 )
@@ -342,3 +343,30 @@ def test_preprocess_chain():
     assert np.max(np.abs(peak)) == pytest.approx(10 ** (-2 / 20), rel=1e-4)
     with pytest.raises(ValueError, match="normalize"):
         preprocess(x, sr, target_sr, normalize="rms")
+
+
+def test_preprocess_keeps_stereo_for_a_two_channel_model():
+    """channels=2 (Stable Audio Open): a stereo source keeps its left/right difference through trim,
+    resample and loudness; a mono one becomes dual mono; other channel counts are refused."""
+    sr, target_sr = 48000, 44100
+    pad = np.zeros((2, sr // 2), dtype=np.float32)
+    x = np.concatenate([pad, np.stack([sine(440, 2.0, sr, 0.1), sine(660, 2.0, sr, 0.1)]), pad], axis=1)
+
+    y = preprocess(x, sr, target_sr, channels=2)
+
+    assert y.shape[0] == 2 and y.dtype == np.float32
+    assert 2.0 * target_sr <= y.shape[1] <= 2.0 * target_sr + 2 * 2048 * target_sr / sr  # silence trimmed
+    resolution = target_sr / y.shape[1]
+    assert abs(peak_frequency(y[0], target_sr) - 440) <= resolution
+    assert abs(peak_frequency(y[1], target_sr) - 660) <= resolution
+    assert integrated_lufs(y, target_sr) == pytest.approx(-14.0, abs=0.2)  # BS.1770 over both channels
+    mono = preprocess(x, sr, target_sr)  # the default still mixes down
+    assert mono.ndim == 1 and mono.shape[0] == y.shape[1]
+
+    dual = preprocess(sine(440, 1.0, sr), sr, target_sr, channels=2)
+    assert dual.shape[0] == 2 and np.array_equal(dual[0], dual[1])
+    assert to_channels(x[:1], 2).shape == (2, x.shape[1]) and np.array_equal(to_channels(x, 1), to_mono(x))
+    with pytest.raises(ValueError, match="6 channels"):
+        preprocess(np.zeros((6, sr), np.float32), sr, target_sr, channels=2)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        preprocess(x, sr, target_sr, channels=3)

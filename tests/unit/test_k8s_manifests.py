@@ -302,15 +302,23 @@ def test_serve_checks_reject_a_broken_config():
 
 
 def test_gpu_serving_reserves_a_gpu_per_model_replica():
+    """Every served model (each family of serve/config.yaml) gets its real-size base, one GPU per replica."""
+    from musiclora.models.families import get_family
+
     (service,) = docs("gpu", "RayService")
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
-    (model,) = [d for d in app["deployments"] if d["name"].startswith("Model-")]
-    assert model["ray_actor_options"]["num_gpus"] == 1
-    (served,) = app["args"]["models"]  # the model runs on the GPU it reserves, in bf16
-    assert served["device"] == "cuda" and served["dtype"] == "bfloat16"
+    local = yaml.safe_load((REPO / "serve/config.yaml").read_text())["applications"][0]["args"]["models"]
+    served = app["args"]["models"]
+    assert [m["name"] for m in served] == [m["name"] for m in local]
+    models = {d["name"]: d for d in app["deployments"] if d["name"].startswith("Model-")}
+    assert set(models) == {f"Model-{m['name']}" for m in served}
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     cpus = float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    assert cpus >= model["ray_actor_options"]["num_cpus"]
+    for m in served:  # the model runs on the GPU it reserves, in bf16, from the family's real checkpoint
+        model = models[f"Model-{m['name']}"]
+        assert model["ray_actor_options"]["num_gpus"] == 1 and cpus >= model["ray_actor_options"]["num_cpus"]
+        assert m["device"] == "cuda" and m["dtype"] == "bfloat16" and m["base_aliases"] == []
+        assert m["base"] == get_family(m["family"]).default_base
 
 
 # --------------------------------------------------------------------------- jobs

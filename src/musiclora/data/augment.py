@@ -98,26 +98,26 @@ def draw_augmentations(
 
 
 def apply_augmentation(y: np.ndarray, sr: int, aug: Augmentation, seed: int = 0, path: str = "") -> np.ndarray:
-    """Apply one copy's augmentation to a mono waveform.
+    """Apply one copy's augmentation to a waveform (the same change to every channel).
 
     Args:
-        y: float32 mono waveform, shape [L], at `sr` Hz.
+        y: float32 waveform, mono [L] or [C, L], at `sr` Hz.
         sr: sample rate in Hz.
         aug: the parameters (identity returns a copy of `y`).
         seed / path: seed the noise (with `aug.copy`), as `draw_augmentations` does.
 
     Returns:
-        float32 waveform, shape [L'] with L' ~= L / rate; peaks above full scale are scaled down
-        to 0.99 rather than clipped.
+        float32 waveform, shape [L'] or [C, L'] with L' ~= L / rate; peaks above full scale are
+        scaled down to 0.99 rather than clipped. Noise is drawn per channel (independent).
 
     Raises:
-        ValueError: `y` is not 1-D.
+        ValueError: `y` is not 1-D or 2-D.
     """
     import librosa
 
     y = np.asarray(y, dtype=np.float32)
-    if y.ndim != 1:
-        raise ValueError(f"apply_augmentation expects mono audio of shape [L], got shape {y.shape}")
+    if y.ndim not in (1, 2):
+        raise ValueError(f"apply_augmentation expects audio of shape [L] or [C, L], got shape {y.shape}")
     out = y.copy()
     if aug.semitones:
         out = librosa.effects.pitch_shift(out, sr=sr, n_steps=aug.semitones, res_type="soxr_hq")
@@ -125,7 +125,7 @@ def apply_augmentation(y: np.ndarray, sr: int, aug: Augmentation, seed: int = 0,
         out = librosa.effects.time_stretch(out, rate=aug.rate)
     if aug.noise_snr_db is not None:
         rms = float(np.sqrt(np.mean(out.astype(np.float64) ** 2))) if out.size else 0.0
-        noise = _rng(seed, path, -aug.copy).standard_normal(out.shape[-1])
+        noise = _rng(seed, path, -aug.copy).standard_normal(out.shape)  # [L]: the mono draw as before
         out = out + (rms / 10 ** (aug.noise_snr_db / 20) * noise).astype(np.float32)
     peak = float(np.max(np.abs(out))) if out.size else 0.0
     if peak > 1.0:

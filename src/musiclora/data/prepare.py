@@ -6,7 +6,9 @@ Built on Ray Data, so it spreads over a cluster and runs as a Ray job (`ray_jobs
    bucket of audio); bad rows become skips.
 2. Encode (a pool of actors, each loading the family's encoder once, on a GPU in bf16 when the
    config gives them `encoder_gpus` and `encode_precision: bf16`; `tracks_per_task` tracks per
-   batch, `encode_batch_size` segments per forward pass): per track decode -> mono -> trim silence -> resample -> loudness-normalise ->
+   batch, `encode_batch_size` segments per forward pass): per track decode -> the family's
+   channels (`ModelFamily.channels`: mono, or stereo for Stable Audio Open) -> trim silence ->
+   resample -> loudness-normalise ->
    optional augmented copies (pitch shift, time stretch, noise) -> segments (length, hop,
    minimum configurable) -> family features (EnCodec codes + melody chroma + caption for
    MusicGen-Melody), each sample serialised as its tar record. Every bad file (missing, corrupt,
@@ -86,25 +88,31 @@ def decode_track(path: str) -> tuple[np.ndarray, int]:
     return load_audio(io.BytesIO(data), name=path)
 
 
-def track_segments(track: dict[str, Any], cfg: PrepareConfig, sample_rate: int) -> tuple[list[Segment], float]:
+def track_segments(
+    track: dict[str, Any], cfg: PrepareConfig, sample_rate: int, channels: int = 1
+) -> tuple[list[Segment], float]:
     """The segments of one track (and of its augmented copies), ready for the family's encoder.
 
     Args:
         track: a metadata row (path, caption, optional genre/bpm/key/mood) plus `index`.
         cfg: the preparation config.
         sample_rate: the family's rate in Hz.
+        channels: the family's channel count (`ModelFamily.channels`): 1 mixes down to mono, 2
+            keeps a stereo source's two channels and duplicates a mono one (`audio.to_channels`).
 
     Returns:
         (segments in (copy, start) order, keys `t<index>_<copy>_<start ms>`, each with caption
-        and JSON metadata (source, start_s, duration_s, augmentation, key, bpm, ...);
+        and JSON metadata (source, start_s, duration_s, augmentation, key, bpm, ...), audio
+        float32 [N] when `channels` is 1, else [channels, N];
         seconds of decoded input audio).
 
     Raises:
         FileNotFoundError, AudioDecodeError, StorageError: see `decode_track`.
-        ValueError: silent, or shorter than `min_s` after trimming.
+        ValueError: silent, shorter than `min_s` after trimming, or a channel count that does not
+            map to `channels` (see `audio.to_channels`).
     """
     wav, sr = decode_track(track["path"])
-    y = preprocess(wav, sr, sample_rate, trim_db=cfg.trim_db, target_lufs=cfg.loudness_lufs)
+    y = preprocess(wav, sr, sample_rate, channels=channels, trim_db=cfg.trim_db, target_lufs=cfg.loudness_lufs)
     if y.size == 0 or is_silent(y):
         raise ValueError("silent (RMS below -60 dBFS after trimming); expected audible music")
     min_s = min(cfg.min_s or cfg.segment_s, cfg.segment_s)
@@ -117,7 +125,8 @@ def track_segments(track: dict[str, Any], cfg: PrepareConfig, sample_rate: int) 
     out: list[Segment] = []
     for aug in augs:
         z = y if aug.is_identity else apply_augmentation(y, sample_rate, aug, cfg.seed, track["path"])
-        windows = [w for w in segment(z, sample_rate, cfg.segment_s, cfg.hop_s, min_s) if not is_silent(w.audio[: w.num_valid])]
+        windows = [w for w in segment(z, sample_rate, cfg.segment_s, cfg.hop_s, min_s)
+                   if not is_silent(w.audio[..., : w.num_valid])]  # [N] or [C, N]: the valid samples
         if cfg.max_segments_per_track:
             windows = windows[: cfg.max_segments_per_track]
         out += [_segment(track, aug, w, sample_rate, offset_s) for w in windows]
@@ -208,7 +217,7 @@ class EncodeTask:
         """All rows for one track (see the class docstring); a bad track gives one "skip" row."""
         sr = self.family.sample_rate
         try:
-            segs, input_s = track_segments(track, self.cfg, sr)
+            segs, input_s = track_segments(track, self.cfg, sr, self.family.channels)
         except (AudioDecodeError, ValueError, OSError) as exc:
             reason = exc.reason if isinstance(exc, AudioDecodeError) else str(exc)
             return [_row("skip", track, reason=f"{type(exc).__name__}: {reason}")]

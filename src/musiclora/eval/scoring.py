@@ -85,7 +85,8 @@ def music_scores(wav: np.ndarray, sample_rate: int) -> tuple[dict[str, float], d
     """Harmonic accuracy (%), melodic complexity (count), rhythmic inconsistency (% of a beat) of one clip.
 
     Args:
-        wav: float32 mono clip [L] at `sample_rate` Hz.
+        wav: float32 clip at `sample_rate` Hz, mono [L] or stereo [C, L] (C <= 2, e.g. Stable Audio
+            Open's 44.1 kHz output; the metrics score the downmix, see `musiclora.eval.music`).
         sample_rate: Hz; the clip is resampled to `MUSIC_SAMPLE_RATE` first.
 
     Returns:

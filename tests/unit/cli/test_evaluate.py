@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from typer.testing import CliRunner
@@ -107,3 +108,42 @@ def test_evaluate_command_writes_the_report(tiny_musicgen_dir, tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "unknown embedder 'vggish'" in bad.output
+
+
+@pytest.mark.parametrize("family, music", [("audioldm2", False), ("stable-audio-open", True)])
+def test_evaluate_runs_the_diffusion_families(family, music, request, tmp_path):
+    """`musiclora evaluate` on an adapter of AudioLDM2 / Stable Audio Open (tiny bases, explicit embedders):
+    base and adapter clips at the family's rate, the adapter's differ; for Stable Audio Open the study-002
+    metrics in the report are those of the family's stereo 44.1 kHz output [2, L]."""
+    from musiclora.adapters import load_for_inference
+    from musiclora.eval.scoring import music_scores
+    from tests.serve_helpers import make_random_adapter
+
+    base = request.getfixturevalue({"audioldm2": "tiny_audioldm2_dir", "stable-audio-open": "tiny_stable_audio_dir"}[family])
+    adapter = make_random_adapter(base, str(tmp_path / "adapter"), 1, family=family)
+    sr = get_family(family).sample_rate
+    (tmp_path / "ref").mkdir()
+    t = np.arange(2 * sr) / sr
+    for i, f in enumerate((220, 440)):
+        sf.write(tmp_path / "ref" / f"r{i}.wav", 0.3 * np.sin(2 * np.pi * f * t), sr)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "calm"}\n{"prompt": "loud", "seed": 5}\n')
+    result = runner.invoke(app, ["evaluate", "--adapter", adapter, "--prompts", str(tmp_path / "p.jsonl"),
+                                 "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
+                                 "--embedders", "mel-stats", "--duration-s", "1",
+                                 "--music" if music else "--no-music"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["info"]["family"] == family and "kad_mel_stats" in report["metrics"]["adapter"]
+    clips = {k: sf.read(tmp_path / "out" / "audio" / f"p000_{k}.wav", dtype="float32") for k in ("base", "adapter")}
+    assert all(rate == sr and len(wav) == sr for wav, rate in clips.values())
+    assert np.abs(clips["adapter"][0] - clips["base"][0]).max() > 1e-3
+    if music:
+        _, loaded = load_for_inference(adapter, None, None)
+        from musiclora.models.stable_audio import sample_stable_audio
+
+        stereo, rate = sample_stable_audio(loaded.model, loaded.tokenizer, "calm", 1.0, 3.0, seed=0)
+        assert stereo.shape == (2, sr) and rate == sr
+        values, _ = music_scores(stereo, sr)  # harmonic accuracy, melodic complexity, rhythmic inconsistency
+        assert set(values) == {"harmonic_accuracy", "melodic_complexity", "rhythmic_inconsistency"}
+        scored = report["prompts"][0]["adapter"]
+        assert {k: scored[k] for k in values} == pytest.approx(values)

@@ -66,6 +66,45 @@ def test_paired_melody_keeps_the_untrimmed_file_time(tmp_path):
     assert all("melody_path" not in s.meta for s in shifted)  # a re-pitched copy conditions on its own mix
 
 
+SR_SAO = 44_100  # Stable Audio Open: 44.1 kHz stereo
+
+
+def test_stereo_family_segments_keep_left_and_right(tmp_path):
+    """channels=2: segments are [2, N]; a stereo source keeps its L/R difference (also in augmented
+    copies), a mono source is dual mono; the default (1) still mixes down to [N]."""
+    lr = np.stack([tone(440, 4.5, SR_SAO), tone(660, 4.5, SR_SAO)])
+    sf.write(tmp_path / "lr.wav", np.concatenate([np.zeros((2, SR_SAO // 2)), lr], 1).T, SR_SAO)
+    sf.write(tmp_path / "mono.wav", tone(440, 4.5, SR_SAO), SR_SAO)
+    c = cfg(tmp_path, augment_copies=1, pitch_shift_semitones=2)
+    segs, _ = track_segments(track(tmp_path / "lr.wav", key="A major"), c, SR_SAO, channels=2)
+    assert len(segs) == 4 and all(s.audio.shape == (2, 2 * SR_SAO) and s.audio.dtype == np.float32 for s in segs)
+    for s in segs:
+        ratio = 2 ** (s.meta["augmentation"]["semitones"] / 12) if "augmentation" in s.meta else 1.0
+        left, right = (peak_hz(ch[: s.num_valid], SR_SAO) for ch in s.audio)
+        assert left == pytest.approx(440 * ratio, rel=0.02) and right == pytest.approx(660 * ratio, rel=0.02)
+    dual, _ = track_segments(track(tmp_path / "mono.wav"), cfg(tmp_path), SR_SAO, channels=2)
+    assert all(s.audio.shape == (2, 2 * SR_SAO) and np.array_equal(s.audio[0], s.audio[1]) for s in dual)
+    mixed, _ = track_segments(track(tmp_path / "lr.wav"), cfg(tmp_path), SR_SAO)
+    assert all(s.audio.shape == (2 * SR_SAO,) for s in mixed)
+
+
+def test_stable_audio_prepare_encodes_stereo(tmp_path):
+    """`EncodeTask` cuts segments with the family's `channels`: for Stable Audio Open, swapping left
+    and right changes the latents (a mono downmix would give the same latents for both)."""
+    lr = np.stack([tone(440, 2.5, SR_SAO), tone(660, 2.5, SR_SAO)])
+    sf.write(tmp_path / "lr.wav", lr.T, SR_SAO)
+    sf.write(tmp_path / "rl.wav", lr[::-1].T, SR_SAO)
+    task = EncodeTask(cfg(tmp_path, family="stable-audio-open").model_dump())
+    assert task.family.channels == 2
+    latents = []
+    for name in ("lr.wav", "rl.wav"):
+        rows = [r for r in task.encode_track(track(tmp_path / name)) if r["kind"] == "sample"]
+        (tmp_path / "s.tar").write_bytes(records_to_shard([r["record"] for r in rows]))
+        latents.append([d["latents.npy"] for d in ShardStream([str(tmp_path / "s.tar")], num_samples=[len(rows)])])
+    assert len(latents[0]) == 1 and latents[0][0].shape == latents[1][0].shape
+    assert not np.allclose(latents[0][0], latents[1][0], atol=1e-3)
+
+
 def test_bad_tracks_raise_with_a_reason(tmp_path):
     from musiclora.audio import AudioDecodeError
 

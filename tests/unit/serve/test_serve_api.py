@@ -275,3 +275,21 @@ def test_uploads_are_decoded_only_behind_the_in_flight_gate(world, monkeypatch):
     first, second = asyncio.run(scenario())
     assert second.status_code == 429 and decoded == []
     assert first.status_code == 429  # Slow's own answer, after the upload was refused
+
+
+def test_a_request_the_family_refuses_is_a_422_with_its_reason(world):
+    """Stable Audio Open (text only, a 5.9 s window in the tiny preset) served next to MusicGen: a
+    melody upload or a duration past the window is the family's ValueError, answered 422, not 500."""
+    sao = ServedModel(name="sao", family="stable-audio-open", base="tiny")
+    host = ModelHost("stable-audio-open", "tiny", world["registry"].url, torch_threads=1, lora_slots=0)
+    settings = ApiSettings(models=[MODEL, sao], registry_url=world["registry"].url, api_key=KEY,
+                           limits=LIMITS.model_copy(update={"max_duration_s": 10.0}))
+    with TestClient(build_api(LocalBackend({"mg": world["host"], "sao": host}), settings)) as c:
+        body = {"prompt": "calm", "model": "sao", "duration_s": 0.3, "steps": 2}
+        melody = {"melody_b64": base64.b64encode(_wav(0.5)).decode()}
+        for extra, words in (({"duration_s": 8.0}, "DiT window"), (melody, "text only")):
+            r = c.post("/v1/generate", json={**body, **extra}, headers=AUTH)
+            assert r.status_code == 422 and words in r.json()["detail"] and "'sao'" in r.json()["detail"], r.text
+        ok = c.post("/v1/generate", json=body, headers=AUTH)
+        assert ok.status_code == 200 and ok.headers["x-musiclora-sample-rate"] == "44100"
+        assert ok.headers["x-musiclora-family"] == "stable-audio-open" and ok.headers["x-musiclora-steps"] == "2"

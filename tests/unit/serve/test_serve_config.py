@@ -54,6 +54,10 @@ def test_write_config_merges_overrides(tmp_path):
     model = next(d for d in app["deployments"] if d["name"] == "Model-musicgen-melody")
     assert model["autoscaling_config"]["downscale_delay_s"] == 4 and model["autoscaling_config"]["max_replicas"] == 2
     assert app["runtime_env"] == {"env_vars": {"K": "v"}}
+    only = write_config(tmp_path / "one.yaml", 34567, args={"models": [{"name": "m", "family": "audioldm2",
+                                                                       "base": "tiny"}]})
+    deployments = [d["name"] for d in yaml.safe_load(only.read_text())["applications"][0]["deployments"]]
+    assert deployments == [INGRESS]  # the shipped models' deployments go with their models
 
 
 def test_host_keeps_an_evicted_adapter_until_its_queued_requests_ran(tmp_path):
