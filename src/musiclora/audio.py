@@ -218,6 +218,63 @@ def to_channels(x: np.ndarray, channels: int = 1) -> np.ndarray:
     return x
 
 
+def num_channels(x: np.ndarray) -> int:
+    """Channels of a waveform in this module's layout: 1 for mono [L], C for [C, L].
+
+    Raises:
+        ValueError: `x` is not 1-D or 2-D.
+    """
+    x = np.asarray(x)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"audio must be mono [L] or channels-first [C, L], got shape {x.shape}")
+    return 1 if x.ndim == 1 else int(x.shape[0])
+
+
+def save_audio(dest: str | os.PathLike | BinaryIO, x: np.ndarray, sample_rate: int,
+               audio_format: str = "WAV") -> None:
+    """Write a float waveform as a 16-bit PCM file, keeping its channels (the inverse of `load_audio`).
+
+    soundfile writes frames-first [L, C]; this takes the module's channels-first layout and
+    transposes, so a stereo clip becomes a 2-channel file (never L channels of 2 frames).
+
+    Args:
+        dest: a path, or a writable binary file object (then `audio_format` names the container).
+        x: float waveform, mono [L] or channels-first [C, L] with C = 1 or 2 (what
+            `ModelFamily.generate` returns); clipped to [-1, 1].
+        sample_rate: Hz.
+        audio_format: libsndfile container, "WAV" or "FLAC" (any case).
+
+    Raises:
+        ValueError: `x` is not [L] or [C <= 2, L] (an [L, C] array is named as such), is empty, or
+            `audio_format` is neither WAV nor FLAC.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 2 and x.shape[1] <= 2 < x.shape[0]:
+        raise ValueError(f"audio of shape {x.shape} looks like [L, C] (soundfile's layout); pass channels first "
+                         "[C, L], or mono [L]")
+    if num_channels(x) > 2 or x.shape[-1] == 0:
+        raise ValueError(f"audio must be mono [L] or [C, L] with C = 1 or 2 and L > 0, got shape {x.shape}")
+    if audio_format.upper() not in ("WAV", "FLAC"):
+        raise ValueError(f"audio_format must be WAV or FLAC, got {audio_format!r}")
+    frames = np.clip(x.T, -1.0, 1.0)  # [L] or [L, C]
+    if isinstance(dest, (str, os.PathLike)):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(dest, frames, int(sample_rate), subtype="PCM_16", format=audio_format.upper())
+
+
+def load_clip(source: str | os.PathLike | BinaryIO, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode a generated clip back into the layout `ModelFamily.generate` returns.
+
+    Returns:
+        (float32 waveform, sr): mono [L] for a 1-channel file, channels-first [C, L] otherwise.
+
+    Raises:
+        As `load_audio`.
+    """
+    wav, sr = load_audio(source, name)
+    return (wav[0] if wav.shape[0] == 1 else wav), sr
+
+
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Change the sample rate with librosa's ``soxr_hq`` resampler (band-limited, high quality).
 
@@ -496,26 +553,33 @@ def preprocess(
 
 
 def check_clips(wavs: list[np.ndarray], min_samples: int = 1) -> list[np.ndarray]:
-    """Validate a list of mono clips for an embedder.
+    """Validate a list of clips for an embedder and mix each down to mono.
 
     Args:
-        wavs: waveforms, each float [L_i] (any float dtype).
+        wavs: waveforms, each float mono [L_i] or channels-first [C, L_i] with C = 1 or 2 (a stereo
+            family's output; `to_mono`'s mean of the channels is what gets embedded).
         min_samples: the shortest clip accepted, in samples.
 
     Returns:
-        the clips as float32 [L_i] arrays.
+        the clips as float32 mono [L_i] arrays.
 
     Raises:
-        ValueError: an empty list, a clip that is not 1-D or shorter than `min_samples`, or one with
-            NaN / infinite samples (names its index).
+        ValueError: an empty list, a clip that is not [L] or [C <= 2, L] (an [L, C] array is named as
+            such) or shorter than `min_samples`, or one with NaN / infinite samples (names its index).
     """
     if len(wavs) == 0:
         raise ValueError("wavs is empty: need at least one clip")
     out = []
     for i, wav in enumerate(wavs):
         arr = np.asarray(wav, dtype=np.float32)
+        if arr.ndim == 2 and arr.shape[1] <= 2 < arr.shape[0]:
+            raise ValueError(f"wavs[{i}] of shape {arr.shape} looks like [L, C] (soundfile's layout); pass "
+                             "channels first [C, L], or mono [L]")
+        if arr.ndim == 2 and arr.shape[0] <= 2:
+            arr = to_mono(arr)
         if arr.ndim != 1 or arr.size < min_samples:
-            raise ValueError(f"wavs[{i}] must be mono [L] with L >= {min_samples}, got shape {arr.shape}")
+            raise ValueError(f"wavs[{i}] must be mono [L] or [C <= 2, L] with L >= {min_samples}, "
+                             f"got shape {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError(f"wavs[{i}] contains NaN or infinite samples")
         out.append(arr)

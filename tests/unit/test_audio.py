@@ -15,11 +15,13 @@ from musiclora.audio import (
     AudioDecodeError,
     is_silent,
     load_audio,
+    load_clip,
     normalize_loudness,
     normalize_peak,
     preprocess,
     resample,
     rms_db,
+    save_audio,
     segment,
     to_channels,
     to_mono,
@@ -152,6 +154,34 @@ def test_audio_decode_error_survives_pickling():
     err = pickle.loads(pickle.dumps(AudioDecodeError("a/b.ogg", "truncated")))
     assert (err.path, err.reason) == ("a/b.ogg", "truncated")
     assert isinstance(err, ValueError) and "a/b.ogg" in str(err)
+
+
+@pytest.mark.parametrize("audio_format", ["WAV", "flac"])
+def test_save_audio_keeps_the_channels_and_load_clip_gives_them_back(tmp_path, audio_format):
+    """[C, L] is written as a C-channel file (not L channels of C frames); mono stays mono; both round-trip."""
+    sr = 44100
+    stereo = np.stack([sine(440, 0.25, sr), sine(660, 0.25, sr, amp=0.2)])
+    buf = io.BytesIO()
+    save_audio(buf, stereo, sr, audio_format)
+    info = sf.info(io.BytesIO(buf.getvalue()))
+    assert info.channels == 2 and info.frames == stereo.shape[1] and info.samplerate == sr
+    assert info.format == audio_format.upper() and info.subtype == "PCM_16"
+    back, rate = load_clip(io.BytesIO(buf.getvalue()))
+    assert rate == sr and back.shape == stereo.shape
+    np.testing.assert_allclose(back, stereo, atol=1 / 32768)
+    path = tmp_path / "sub" / "mono.wav"
+    save_audio(path, 3 * stereo[0], sr)  # clipped to [-1, 1], the folder made
+    mono, _ = load_clip(path)
+    assert mono.shape == (stereo.shape[1],) and sf.info(path).channels == 1 and mono.max() <= 1.0 < 3 * stereo[0].max()
+
+
+@pytest.mark.parametrize(("shape", "match"), [((4410, 2), r"looks like \[L, C\]"), ((3, 100), "C = 1 or 2"),
+                                              ((2, 0), "L > 0"), ((1, 2, 3), r"channels-first \[C, L\]")])
+def test_save_audio_refuses_other_layouts(shape, match):
+    with pytest.raises(ValueError, match=match):
+        save_audio(io.BytesIO(), np.zeros(shape, np.float32), 16000)
+    with pytest.raises(ValueError, match="WAV or FLAC"):
+        save_audio(io.BytesIO(), np.zeros(10, np.float32), 16000, "MP3")
 
 
 # --------------------------------------------------------------------------- primitives

@@ -109,9 +109,19 @@ def test_embedders_reject_bad_clips():
     with pytest.raises(ValueError, match="wavs is empty"):
         embedder([])
     with pytest.raises(ValueError, match=r"wavs\[1\] must be mono"):
-        embedder([_noise(), np.zeros((2, 100), np.float32)])
+        embedder([_noise(), np.zeros((3, 100), np.float32)])
+    with pytest.raises(ValueError, match=r"wavs\[1\] of shape \(100, 2\) looks like \[L, C\]"):
+        embedder([_noise(), np.zeros((100, 2), np.float32)])
     with pytest.raises(ValueError, match=r"wavs\[0\] contains NaN"):
         embedder([np.full(100, np.nan, np.float32)])
+
+
+def test_embedders_take_a_stereo_clip_as_its_downmix():
+    """A stereo family's output [2, L] embeds as the mean of its channels (what the KAD of Stable Audio sees)."""
+    embedder = MelStatsEmbedder(sample_rate=SR, n_mels=32)
+    left, right = _tone(220), _noise(seed=3)
+    stereo = np.stack([left, right])
+    np.testing.assert_array_equal(embedder([stereo, left]), embedder([(left + right) / 2, left]))
 
 
 def test_registry_and_crepe_capacity_errors():

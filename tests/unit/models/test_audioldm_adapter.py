@@ -176,7 +176,8 @@ def test_generate_command_with_adapter_and_reference(tiny_dir, tmp_path):
     tuned = generate("calm piano", str(tmp_path / "tuned.wav"), adapter=str(adapter), duration_s=1.0, steps=3)
     a, sr = sf.read(base["wav"], dtype="float32")
     b, _ = sf.read(tuned["wav"], dtype="float32")
-    assert sr == SR and tuned["family"] == "audioldm" and a.shape == b.shape == (SR,)
+    assert sr == SR and tuned["family"] == "audioldm" and a.shape == b.shape == (SR,)  # a mono family: one channel
+    assert base["channels"] == tuned["channels"] == 1 and base["duration_s"] == 1.0
     assert not np.allclose(a, b) and (tmp_path / "tuned.png").stat().st_size > 0
 
     clip = tmp_path / "voice.wav"

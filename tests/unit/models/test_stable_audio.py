@@ -319,13 +319,14 @@ def test_generate_is_seeded_conditioned_and_sized(tiny_dir):
         return FAM.generate(loaded.model, loaded.tokenizer, req)[0]
 
     a, b = gen(seed=1), gen(seed=1)
-    assert a.shape == (SR,) and a.dtype == np.float32 and np.array_equal(a, b) and np.sqrt((a**2).mean()) > 1e-4
+    assert a.shape == (2, SR) and a.dtype == np.float32 and np.array_equal(a, b) and np.sqrt((a**2).mean()) > 1e-4
     assert not np.allclose(a, gen(seed=2))
     assert not np.allclose(a, gen(seed=1, prompt="epic battle drums"))
     assert not np.allclose(a, gen(seed=1, guidance_scale=1.0))
     stereo, sr = sample_stable_audio(loaded.model, loaded.tokenizer, "calm piano", 1.0,
                                      guidance_scale=GenerationRequest(prompt="x").guidance_scale, seed=1, steps=3)
-    assert sr == SR and stereo.shape == (2, SR) and np.allclose(stereo.mean(0), a, atol=1e-4)  # the mono downmix
+    assert sr == SR and np.array_equal(stereo, a)  # the family's stereo, not a downmix
+    assert not np.allclose(a[0], a[1])  # two channels of their own
     with pytest.raises(ValueError, match="DiT window"):
         FAM.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt="x", duration_s=60.0))
     with pytest.raises(ValueError, match="text only"):
@@ -336,8 +337,9 @@ def test_licence_note_names_the_community_license():
     assert "Stability AI Community License" in FAM.licence_note
 
 
-def test_musiclora_generate_with_an_adapter_writes_44k_audio(tiny_dir, tmp_path):
-    """`musiclora generate`'s function on a saved adapter (card names family and base): no family branch needed."""
+def test_musiclora_generate_with_an_adapter_writes_44k_stereo(tiny_dir, tmp_path):
+    """`musiclora generate`'s function on a saved adapter (card names family and base): no family branch needed;
+    the WAV holds the family's two channels (soundfile reads [L, C])."""
     import soundfile as sf
 
     from musiclora.adapters import save_adapter
@@ -348,4 +350,5 @@ def test_musiclora_generate_with_an_adapter_writes_44k_audio(tiny_dir, tmp_path)
     save_adapter(FAM.lora_root(model), folder, card={"family": FAM.name, "base_model": tiny_dir})
     out = generate("calm piano", str(tmp_path / "out.wav"), adapter=folder, duration_s=1.0, steps=2)
     audio, rate = sf.read(out["wav"], dtype="float32")
-    assert out["family"] == "stable-audio-open" and rate == SR and audio.shape == (SR,) and out["rms"] > 0
+    assert out["family"] == "stable-audio-open" and rate == SR and audio.shape == (SR, 2) and out["rms"] > 0
+    assert out["channels"] == 2 and out["duration_s"] == 1.0 and np.abs(audio[:, 0] - audio[:, 1]).max() > 1e-3
