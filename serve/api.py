@@ -162,7 +162,9 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(3.0, ge=0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     steps: int | None = Field(None, ge=1, description="diffusion steps (families without steps ignore it)")
-    format: Literal["wav", "flac"] = "wav"
+    format: Literal["wav", "flac"] = Field("wav", description="16-bit PCM container; the clip has the model "
+                                                               "family's channels (mono, or stereo for Stable Audio "
+                                                               "Open)")
     melody_b64: str | None = Field(None, description="base64 melody / reference audio")
 
 
@@ -223,7 +225,10 @@ def _openapi_body() -> dict[str, Any]:
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema},
                                                       "multipart/form-data": {"schema": form}}},
-        "responses": {"200": {"description": "the generated clip; generation parameters in X-Musiclora-* headers",
+        "responses": {"200": {"description": "the generated clip, 16-bit PCM WAV or FLAC with the model family's "
+                                             "channels (1: mono; 2: stereo, Stable Audio Open); generation parameters "
+                                             "in X-Musiclora-* headers (X-Musiclora-Channels, X-Musiclora-Sample-Rate, "
+                                             "X-Musiclora-Audio-Duration-S ...)",
                               "content": {"audio/wav": {}, "audio/flac": {}}}},
     }
 
@@ -414,6 +419,7 @@ class _Api:
             "X-Musiclora-Steps": "none" if result.steps is None else str(result.steps),
             "X-Musiclora-Melody": "yes" if has_melody else "no",
             "X-Musiclora-Sample-Rate": str(result.sample_rate),
+            "X-Musiclora-Channels": str(result.channels),
             "X-Musiclora-Audio-Duration-S": f"{result.num_samples / result.sample_rate:.3f}",
             "X-Musiclora-Batch-Size": str(result.batch_size),
             "X-Musiclora-Latency-S": f"{took:.3f}",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from musiclora.adapter_registry import AdapterNotFoundError, Registry, parse_ref
+from musiclora.audio import num_channels, save_audio
 from musiclora.models.base import GenerationRequest
 
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac"}
@@ -59,10 +60,10 @@ class GenResult:
     """Encoded audio and what was done.
 
     Attributes:
-        audio: the encoded file (WAV or FLAC bytes, 16-bit PCM, mono).
+        audio: the encoded file (WAV or FLAC bytes, 16-bit PCM) with the family's channels.
         media_type: `audio/wav` or `audio/flac`.
         sample_rate: Hz.
-        num_samples: samples in the clip.
+        num_samples: samples per channel in the clip (the waveform's last axis).
         adapter: `name@version` used, or None for the base.
         steps: the steps passed to the family, or None when the family takes none.
         compute_s: seconds the batched generation this clip was part of took.
@@ -77,24 +78,28 @@ class GenResult:
     steps: int | None
     compute_s: float
     batch_size: int
+    channels: int = 1
+    """Audio channels in the file: 1 (mono) or 2 (stereo, Stable Audio Open)."""
 
 
 def encode_audio(audio: np.ndarray, sample_rate: int, audio_format: str = "wav") -> tuple[bytes, str]:
-    """Encode a float waveform [L] (clipped to [-1, 1]) as 16-bit PCM WAV or FLAC.
+    """Encode a float waveform (clipped to [-1, 1]) as 16-bit PCM WAV or FLAC, keeping its channels.
+
+    Args:
+        audio: what `ModelFamily.generate` returns: mono [L] or channels-first [C, L] (C = 1 or 2).
+        sample_rate: Hz.
+        audio_format: `wav` or `flac`.
 
     Returns:
         (file bytes, media type).
 
     Raises:
-        ValueError: unknown `audio_format`.
+        ValueError: unknown `audio_format`, or `audio` not [L] / [C <= 2, L] (see `save_audio`).
     """
-    import soundfile as sf
-
     if audio_format not in MEDIA_TYPES:
         raise ValueError(f"audio format {audio_format!r} is not supported; expected one of {sorted(MEDIA_TYPES)}")
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
-             format=audio_format.upper())
+    save_audio(buf, audio, sample_rate, audio_format)
     return buf.getvalue(), MEDIA_TYPES[audio_format]
 
 
@@ -299,10 +304,15 @@ class ModelHost:
                 out[i] = result
                 continue
             p = items[i][1]
-            audio, sr = result
-            data, media_type = encode_audio(audio, sr, p.audio_format)
-            out[i] = GenResult(data, media_type, int(sr), len(audio), items[i][0],
-                               p.steps if self.family.takes_steps else None, compute_s, len(live))
+            audio, sr = result  # [L] or [C, L]
+            try:
+                data, media_type = encode_audio(audio, sr, p.audio_format)
+            except ValueError as exc:  # the family gave a layout it should not: a server fault (500), not the request's
+                out[i] = RuntimeError(f"{self.family.name} returned audio that cannot be encoded: {exc}")
+                continue
+            out[i] = GenResult(data, media_type, int(sr), int(np.shape(audio)[-1]), items[i][0],
+                               p.steps if self.family.takes_steps else None, compute_s, len(live),
+                               channels=num_channels(audio))
 
     def _release(self, adapter_id: str, n: int) -> None:
         with self._lock:

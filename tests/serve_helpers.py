@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from musiclora.adapters import apply_lora, save_adapter
+from musiclora.audio import load_clip, save_audio
 from musiclora.config import AdapterConfig
 from musiclora.models.families import get_family
 
@@ -36,15 +36,15 @@ def make_random_adapter(base: str, url: str, seed: int, family: str = "musicgen-
 
 
 def wav_bytes_to_array(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode WAV/FLAC bytes to (float32 [L], sample rate)."""
-    audio, sr = sf.read(io.BytesIO(data), dtype="float32")
-    return audio, sr
+    """Decode WAV/FLAC bytes to (float32 mono [L] or channels-first [C, L], sample rate): generate's layout."""
+    return load_clip(io.BytesIO(data))
 
 
 def reference_audio(base: str, adapter_dir: str | None, prompt: str, duration_s: float, seed: int,
                     guidance_scale: float = 3.0, family: str = "musicgen-melody",
                     steps: int | None = None) -> np.ndarray:
-    """What the server should return, computed here: the base (+ adapter) through the family, as PCM 16."""
+    """What the server should return, computed here: the base (+ adapter) through the family, as PCM 16
+    ([L], or [C, L] for a stereo family)."""
     from musiclora.adapters import load_for_inference
     from musiclora.models.base import GenerationRequest
 
@@ -52,5 +52,5 @@ def reference_audio(base: str, adapter_dir: str | None, prompt: str, duration_s:
     audio, sr = fam.generate(loaded.model, loaded.tokenizer, GenerationRequest(prompt, duration_s, guidance_scale, seed,
                                                                                   steps))
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1, 1), sr, subtype="PCM_16", format="WAV")
+    save_audio(buf, audio, sr)
     return wav_bytes_to_array(buf.getvalue())[0]

@@ -6,12 +6,16 @@ argument or `$MUSICLORA_API_KEY`; errors carry the server's status and reason.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+
+from musiclora.audio import load_clip
 
 API_KEY_ENV = "MUSICLORA_API_KEY"
 HEADER_PREFIX = "x-musiclora-"
@@ -37,15 +41,27 @@ class Clip:
     """A generated clip.
 
     Attributes:
-        audio: the file's bytes (WAV or FLAC).
+        audio: the file's bytes (WAV or FLAC, 16-bit PCM) with the model family's channels.
         media_type: `audio/wav` or `audio/flac`.
         params: generation parameters from the `X-Musiclora-*` headers (`adapter`, `seed`, `model`,
-            `duration-s`, `guidance-scale`, `steps`, `sample-rate`, `latency-s` ...), as strings.
+            `duration-s`, `guidance-scale`, `steps`, `sample-rate`, `channels`, `latency-s` ...), as strings.
     """
 
     audio: bytes
     media_type: str
     params: dict[str, str]
+
+    def waveform(self) -> tuple[np.ndarray, int]:
+        """Decode the clip into the layout the model family generated.
+
+        Returns:
+            (float32 waveform, sample rate in Hz): mono [L], or channels-first [C, L] for a stereo
+            family (Stable Audio Open: [2, L]).
+
+        Raises:
+            AudioDecodeError: the bytes are not audio.
+        """
+        return load_clip(io.BytesIO(self.audio), name=f"clip ({self.media_type or 'no content type'})")
 
 
 class ServiceClient:
@@ -124,8 +140,12 @@ def generate_to_file(endpoint: str, prompt: str, out: str | Path, api_key: str |
                      **kwargs: Any) -> dict[str, Any]:
     """Generate through the service and write the clip to `out` (WAV or FLAC by `audio_format`).
 
+    The file is written as the service sent it: the model family's channels (a stereo family gives a
+    2-channel file; `channels` says how many).
+
     Returns:
-        {"wav": path, "endpoint", "bytes", **generation parameters from the headers}.
+        {"wav": path, "endpoint", "bytes", **generation parameters from the headers (`sample-rate`,
+        `channels`, `audio-duration-s`, ...)}.
 
     Raises:
         ServiceError: as `ServiceClient.generate`.

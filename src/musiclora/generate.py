@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from musiclora.adapters import load_for_inference
-from musiclora.audio import load_audio, to_mono
+from musiclora.audio import load_audio, num_channels, save_audio, to_mono
 from musiclora.models.base import GenerationRequest
 from musiclora.plots import plot_spectrogram
 
@@ -65,6 +64,9 @@ def generate(
 ) -> dict[str, Any]:
     """Generate `duration_s` seconds for `prompt`, write `out_wav` (PCM 16) and `<out_wav>.png`.
 
+    The WAV has the family's channels (`ModelFamily.channels`: mono, or stereo for Stable Audio
+    Open); the spectrogram shows the mono downmix.
+
     Args:
         family / base: the base model; when omitted they come from the adapter's card.json.
         adapter: adapter folder URL or path (peft format), or None for the base model alone.
@@ -78,7 +80,8 @@ def generate(
         merge: fold the adapter into the base weights before generating (see `load_for_inference`).
 
     Returns:
-        {"wav", "reference", "png", "sample_rate", "duration_s", "rms", "adapter", "base", "family", "device"}.
+        {"wav", "reference", "png", "sample_rate", "channels", "duration_s", "rms", "adapter", "base", "family",
+        "device"}: `duration_s` is the written clip's length (its last axis), `rms` over every channel.
 
     Raises:
         ValueError: neither `base` nor an adapter card naming one; unknown family; both `melody` and
@@ -95,12 +98,11 @@ def generate(
         mel = to_mono(wav)
     request = GenerationRequest(prompt, duration_s, guidance_scale, seed, steps, mel, mel_sr)
     fam, loaded = load_for_inference(adapter, base, family, parse_dtype(dtype), dev, merge=merge)
-    audio, sr = fam.generate(loaded.model, loaded.tokenizer, request)
-    Path(out_wav).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(out_wav, np.clip(audio, -1, 1), sr, subtype="PCM_16")
+    audio, sr = fam.generate(loaded.model, loaded.tokenizer, request)  # [L] or [C, L]
+    save_audio(out_wav, audio, sr)
     png = str(Path(out_wav).with_suffix(".png"))
     what = f"reference {Path(reference).name}" if reference else repr(prompt)
-    plot_spectrogram(audio, sr, png, title=f"{what} ({'adapter ' + adapter if adapter else 'base'})")
-    return {"wav": out_wav, "reference": reference, "png": png, "sample_rate": sr, "duration_s": len(audio) / sr,
-            "rms": float(np.sqrt(np.mean(audio**2))), "adapter": adapter, "base": loaded.base,
-            "family": loaded.family, "device": str(dev)}
+    plot_spectrogram(to_mono(audio), sr, png, title=f"{what} ({'adapter ' + adapter if adapter else 'base'})")
+    return {"wav": out_wav, "reference": reference, "png": png, "sample_rate": sr, "channels": num_channels(audio),
+            "duration_s": audio.shape[-1] / sr, "rms": float(np.sqrt(np.mean(audio**2))), "adapter": adapter,
+            "base": loaded.base, "family": loaded.family, "device": str(dev)}

@@ -12,7 +12,8 @@ from musiclora.cli.errors import fail
 
 def generate(
     prompt: str = typer.Option(..., help="text prompt"),
-    out: Path = typer.Option(Path("generated.wav"), help="WAV to write (a spectrogram PNG goes beside it)"),
+    out: Path = typer.Option(Path("generated.wav"), help="WAV to write, with the family's channels (a spectrogram "
+                                                         "PNG goes beside it)"),
     adapter: str = typer.Option(None, help="adapter folder URL/path (peft format); with --endpoint: its name"),
     base: str = typer.Option(None, help="base model (hub id, folder, 'tiny'); default: the adapter card's"),
     family: str = typer.Option(None, help="model family; default: the adapter card's"),
@@ -31,7 +32,10 @@ def generate(
     merge: bool = typer.Option(True, help="fold the adapter into the base weights for generation (no LoRA branch "
                                           "per step: 4x faster decoding measured on a GPU); --no-merge keeps it"),
 ) -> None:
-    """Generate audio with a base model and an optional LoRA adapter."""
+    """Generate audio with a base model and an optional LoRA adapter.
+
+    Writes a 16-bit WAV with the model family's channels (mono; stereo for Stable Audio Open) and
+    prints the facts as JSON (`sample_rate`, `channels`, `duration_s`, ...)."""
     if endpoint:
         _remote(endpoint, prompt, out, adapter, model, duration_s, guidance_scale, seed, steps, melody or reference)
         return

@@ -249,8 +249,9 @@ class ModelFamily(ABC):
     """Whether `generate` uses `GenerationRequest.steps` (diffusion families)."""
 
     channels: int = 1
-    """Audio channels the family's encoder takes: 1 (mono `Segment.audio` [L]) or 2 (stereo [2, L],
-    Stable Audio Open). Where segments are cut, data/ keeps this many channels."""
+    """Audio channels the family's encoder takes and `generate` returns: 1 (mono `Segment.audio` and
+    output [L]) or 2 (stereo [2, L], Stable Audio Open). Where segments are cut, data/ keeps this many
+    channels."""
 
     licence_note: str = ("the adapter is a derivative of the base model: its licence terms apply "
                          "(see the base model's card)")
@@ -296,7 +297,10 @@ class ModelFamily(ABC):
             request: what to generate (validated on construction).
 
         Returns:
-            (float32 waveform [L] as a numpy array on the CPU, sample_rate in Hz).
+            (float32 waveform as a numpy array on the CPU, sample_rate in Hz): mono [L] for a family
+            with `channels` 1, channels-first [C, L] with C = `channels` otherwise (Stable Audio Open:
+            stereo [2, L]). Consumers read the channels from the array (`ndim`, `shape[0]`) and the
+            length from its last axis; `musiclora.audio.save_audio` writes either as a WAV/FLAC.
         """
 
     def generate_batch(
@@ -315,8 +319,8 @@ class ModelFamily(ABC):
                 `batching.BASE_ROW` for the base model (None: the model's active adapter).
 
         Returns:
-            per request, (float32 waveform [L] on the CPU, sample_rate in Hz), or the exception
-            that request raised (ValueError for a bad melody ...); the other requests still run.
+            per request, (float32 waveform on the CPU, [L] or [C, L] as `generate`, sample_rate in Hz),
+            or the exception that request raised (ValueError for a bad melody ...); the other requests still run.
         """
         import contextlib
 

@@ -7,7 +7,7 @@ mono; a stereo one ([2, L]) as it is (see `ModelFamily.channels`). Training: the
 stable-audio-tools (t ~ U(0, 1), x_t = cos(t pi/2) x0 + sin(t pi/2) eps, target
 v = cos(t pi/2) eps - sin(t pi/2) x0), padding masked, caption dropout to the null (all-zero)
 cross-attention input. LoRA goes into the DiT only (`lora_root_attr = "transformer"`): an adapter
-is a plain diffusers transformer adapter. Generation runs the components directly.
+is a plain diffusers transformer adapter. Generation runs the components directly and returns stereo [2, L].
 """
 
 from __future__ import annotations
@@ -218,12 +218,10 @@ class StableAudioFamily(ModelFamily):
     # ------------------------------------------------------------------ generation
 
     def generate(self, model, tokenizer, request: GenerationRequest) -> tuple[np.ndarray, int]:
-        """Sample audio from a text prompt; returns the mono downmix (see `sample_stable_audio` for stereo).
-
-        The interface returns [L]; the stereo output is the mean of the two channels.
+        """Sample stereo audio from a text prompt (`sample_stable_audio` with the request's fields).
 
         Returns:
-            (float32 waveform [round(duration_s * 44100)], 44100).
+            (float32 waveform [2, round(duration_s * 44100)], 44100): the family's `channels` = 2.
 
         Raises:
             ValueError: conditioning audio given, a duration beyond the DiT window.
@@ -232,7 +230,7 @@ class StableAudioFamily(ModelFamily):
             raise ValueError("stable-audio-open generates from text only: conditioning audio (melody) is not supported")
         wav, sr = sample_stable_audio(model, tokenizer, request.prompt, request.duration_s, request.guidance_scale,
                                       request.seed, request.steps)
-        return wav.mean(axis=0).astype(np.float32), sr
+        return wav.astype(np.float32, copy=False), sr
 
 
 @torch.no_grad()

@@ -18,8 +18,9 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from musiclora.adapter_registry import Registry
+from musiclora.client import Clip
 from serve.api import ApiSettings, Limits, ServedModel, build_api
-from serve.host import ModelHost
+from serve.host import ModelHost, encode_audio
 from serve.local import LocalBackend
 from tests.serve_helpers import make_random_adapter, reference_audio, wav_bytes_to_array
 
@@ -69,6 +70,7 @@ def test_base_and_adapters_give_the_expected_audio(client, world):
     base = _gen(client)
     assert base.status_code == 200 and base.headers["content-type"] == "audio/wav"
     assert base.headers["x-musiclora-adapter"] == "none" and base.headers["x-musiclora-seed"] == "5"
+    assert base.headers["x-musiclora-channels"] == "1" and sf.info(io.BytesIO(base.content)).channels == 1
     a, b = _gen(client, adapter="alpha"), _gen(client, adapter="beta@1")
     assert a.headers["x-musiclora-adapter"] == "alpha@1" and b.headers["x-musiclora-adapter"] == "beta@1"
     audio = {k: wav_bytes_to_array(r.content)[0] for k, r in (("base", base), ("a", a), ("b", b))}
@@ -160,6 +162,23 @@ def test_api_key_required(client, headers):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("audio_format", ["wav", "flac"])
+def test_encode_audio_keeps_the_channels_and_the_client_decodes_them(audio_format):
+    """What the host sends for mono [L] and stereo [2, L], and what `Clip.waveform` gives back."""
+    t = np.arange(4410) / 44100
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 660 * t)]).astype(np.float32)
+    for audio in (stereo, stereo[0]):
+        data, media_type = encode_audio(audio, 44100, audio_format)
+        assert media_type == f"audio/{audio_format}" and sf.info(io.BytesIO(data)).channels == audio.ndim
+        back, rate = Clip(data, media_type, {}).waveform()
+        assert rate == 44100 and back.shape == audio.shape
+        np.testing.assert_allclose(back, audio, atol=1 / 32768)
+    with pytest.raises(ValueError, match=r"looks like \[L, C\]"):
+        encode_audio(stereo.T, 44100, audio_format)
+    with pytest.raises(ValueError, match="not supported"):
+        encode_audio(stereo, 44100, "mp3")
+
+
 def test_adapters_and_openapi(client):
     listed = client.get("/v1/adapters", headers=AUTH).json()
     assert [(a["name"], a["versions"], a["models"]) for a in listed["adapters"]] == [("alpha", [1], ["mg"]),
@@ -168,6 +187,7 @@ def test_adapters_and_openapi(client):
     body = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert "adapter" in body["application/json"]["schema"]["properties"]
+    assert "channels" in spec["paths"]["/v1/generate"]["post"]["responses"]["200"]["description"]
 
 
 def test_bounded_queue_answers_429_with_retry_after(world):
@@ -293,3 +313,9 @@ def test_a_request_the_family_refuses_is_a_422_with_its_reason(world):
         ok = c.post("/v1/generate", json=body, headers=AUTH)
         assert ok.status_code == 200 and ok.headers["x-musiclora-sample-rate"] == "44100"
         assert ok.headers["x-musiclora-family"] == "stable-audio-open" and ok.headers["x-musiclora-steps"] == "2"
+        # the family's stereo reaches the client: a 2-channel WAV, said in the headers
+        clip = Clip(ok.content, ok.headers["content-type"], {})
+        audio, rate = clip.waveform()
+        assert ok.headers["x-musiclora-channels"] == "2" and sf.info(io.BytesIO(ok.content)).channels == 2
+        assert rate == 44100 and audio.shape == (2, round(0.3 * 44100)) and np.abs(audio[0] - audio[1]).max() > 1e-3
+        assert ok.headers["x-musiclora-audio-duration-s"] == "0.300"
