@@ -128,6 +128,13 @@ def codes_decoder(codec: nn.Module):
     return decode
 
 
+def fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:
+    """A clip [L] or [C, L] cut or zero-padded along its last axis to `num_samples`, as float32."""
+    audio = np.asarray(audio, np.float32)[..., :num_samples]
+    pad = [(0, 0)] * (audio.ndim - 1) + [(0, num_samples - audio.shape[-1])]
+    return np.pad(audio, pad)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -209,14 +216,21 @@ class Evaluator:
         return self.family.sample_rate
 
     def embed(self, wavs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Embed clips at `sample_rate` with every embedder (resampled to each one's rate)."""
+        """Embed clips at `sample_rate`, mono [L] or [C, L] (the embedders take the downmix), with every
+        embedder (resampled to each one's rate)."""
         out = {}
         for key, emb in self.embedders.items():
             out[key] = emb([resample(w, self.sample_rate, emb.sample_rate) for w in wavs])
         return out
 
     def generate(self, model: nn.Module, tokenizer: Any) -> list[np.ndarray]:
-        """One clip per prompt, float32 [round(duration_s * sample_rate)], each with the prompt's seed."""
+        """One clip per prompt, each with the prompt's seed, in the family's layout.
+
+        Returns:
+            float32 clips cut or zero-padded to n = round(duration_s * sample_rate) samples: mono [n],
+            or [C, n] for a family with C channels (Stable Audio Open: stereo). `score` takes either;
+            embedders and the reference distances see the downmix, the saved report clips keep the channels.
+        """
         n = round(self.duration_s * self.sample_rate)
         clips = []
         with _eval_mode(model):
@@ -225,11 +239,14 @@ class Evaluator:
                                             melody=p.melody, melody_sample_rate=p.melody_sample_rate)
                 audio, sr = self.family.generate(model, tokenizer, request)
                 audio = resample(audio, sr, self.sample_rate) if sr != self.sample_rate else audio
-                clips.append(np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32))
+                clips.append(fit_length(audio, n))
         return clips
 
     def score(self, clips: list[np.ndarray]) -> scoring.SetScores:
-        """All metrics of one generated set (one clip per prompt, at `sample_rate`)."""
+        """All metrics of one generated set (one clip per prompt, at `sample_rate`, mono [L] or [C, L]).
+
+        KAD/FAD embedders, the CLAP score, the reference distances and chroma score the downmix; the
+        study-002 music metrics take [C, L] as it is (they score its downmix too)."""
         if len(clips) != len(self.prompts):
             raise ValueError(f"{len(clips)} clips for {len(self.prompts)} prompts")
         gen_emb = self.embed(clips)
@@ -346,7 +363,8 @@ class Comparison:
 
     Attributes:
         evaluator: what generated and scored (prompts, reference, settings).
-        clips: "base" / "adapter" -> one float32 clip per prompt at `evaluator.sample_rate`.
+        clips: "base" / "adapter" -> one float32 clip per prompt at `evaluator.sample_rate`, [L] or [C, L]
+            (the family's channels).
         scores: "base" / "adapter" -> their `SetScores`.
         info: facts for the report (adapter, base, family, timings, settings).
     """

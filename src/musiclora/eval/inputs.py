@@ -155,7 +155,8 @@ class ReferenceSet:
     """Real music clips the generated sets are compared with.
 
     Attributes:
-        wavs: float32 mono clips, each shape [L] with L = round(clip_s * sample_rate).
+        wavs: float32 mono clips, each shape [L] with L = round(clip_s * sample_rate), whatever the
+            family's channels (a stereo family's output is compared through its downmix).
         sample_rate: Hz of every clip.
         labels: where each clip came from ("<file>@<start>s").
         origin: what was read (the folder, file or shards URL and split).

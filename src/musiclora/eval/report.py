@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
+from musiclora.audio import save_audio, to_mono
 from musiclora.eval import scoring
 
 MODELS = ("base", "adapter")
@@ -138,11 +138,12 @@ def comparison_to_dict(result) -> dict[str, Any]:
 
 
 def _write_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
-    sf.write(str(path), np.clip(np.asarray(wav, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    """16-bit WAV of a clip [L] or [C, L], keeping its channels (a stereo family's clips stay stereo)."""
+    save_audio(path, wav, sample_rate)
 
 
 def _spectrograms(path: Path, rows: list[tuple[str, np.ndarray]], sample_rate: int, title: str) -> None:
-    """One PNG with a log-mel spectrogram (128 bins, dB re. each clip's max) per row."""
+    """One PNG with a log-mel spectrogram (128 bins, dB re. each clip's max) per row ([L], or [C, L] as its downmix)."""
     import librosa
     import librosa.display
     import matplotlib
@@ -152,7 +153,7 @@ def _spectrograms(path: Path, rows: list[tuple[str, np.ndarray]], sample_rate: i
 
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.2 * len(rows)), squeeze=False)
     for ax, (name, wav) in zip(axes[:, 0], rows):
-        mel = librosa.feature.melspectrogram(y=np.asarray(wav, np.float32), sr=sample_rate, n_mels=128)
+        mel = librosa.feature.melspectrogram(y=to_mono(wav), sr=sample_rate, n_mels=128)
         db = librosa.power_to_db(mel, ref=np.max(mel) if mel.max() > 0 else 1.0)
         img = librosa.display.specshow(db, sr=sample_rate, x_axis="time", y_axis="mel", ax=ax)
         fig.colorbar(img, ax=ax, format="%+2.0f dB")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from musiclora.audio import resample
+from musiclora.audio import resample, to_mono
 from musiclora.eval.metrics import (
     audio_feature_distance,
     chroma_cosine,
@@ -135,8 +135,9 @@ class ReferenceDistances:
         self._feat = [frame_features(r, sample_rate, self.N_MFCC) for r in self.references]
 
     def __call__(self, wav: np.ndarray) -> dict[str, float]:
-        """{"mel_mse": mean dB², "audio_feature_distance": mean cosine distance in [0, 2]} for one clip [L]."""
-        wav = np.asarray(wav, np.float32)
+        """{"mel_mse": mean dB², "audio_feature_distance": mean cosine distance in [0, 2]} for one clip, mono [L]
+        or channels-first [C, L] (a stereo family's output: its downmix `to_mono` is compared)."""
+        wav = to_mono(wav)
         mel = log_mel(wav, self.sample_rate).astype(np.float64)
         feat = frame_features(wav, self.sample_rate, self.N_MFCC)
         mse, afd = [], []
@@ -222,6 +223,8 @@ def aggregate(per_clip: list[dict[str, float | None]], errors: list[dict[str, st
 def chroma_or_none(melody: np.ndarray | None, melody_sr: int | None, wav: np.ndarray, sample_rate: int):
     """`chroma_cosine(melody, output)` at `sample_rate` (melody resampled), or None without a melody.
 
+    `wav` is the output, mono [L] or channels-first [C, L] (its downmix is compared).
+
     Returns:
         (value or None, error message or None) — the error when both clips are silent throughout.
     """
@@ -229,6 +232,6 @@ def chroma_or_none(melody: np.ndarray | None, melody_sr: int | None, wav: np.nda
         return None, None
     mel = resample(melody, melody_sr or sample_rate, sample_rate)
     try:
-        return chroma_cosine(mel, wav, sample_rate), None
+        return chroma_cosine(mel, to_mono(wav), sample_rate), None
     except ValueError as exc:
         return None, str(exc)

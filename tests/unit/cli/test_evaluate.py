@@ -113,7 +113,7 @@ def test_evaluate_command_writes_the_report(tiny_musicgen_dir, tmp_path):
 @pytest.mark.parametrize("family, music", [("audioldm2", False), ("stable-audio-open", True)])
 def test_evaluate_runs_the_diffusion_families(family, music, request, tmp_path):
     """`musiclora evaluate` on an adapter of AudioLDM2 / Stable Audio Open (tiny bases, explicit embedders):
-    base and adapter clips at the family's rate, the adapter's differ; for Stable Audio Open the study-002
+    base and adapter clips at the family's rate and channels, the adapter's differ; for Stable Audio Open the study-002
     metrics in the report are those of the family's stereo 44.1 kHz output [2, L]."""
     from musiclora.adapters import load_for_inference
     from musiclora.eval.scoring import music_scores
@@ -136,6 +136,10 @@ def test_evaluate_runs_the_diffusion_families(family, music, request, tmp_path):
     assert report["info"]["family"] == family and "kad_mel_stats" in report["metrics"]["adapter"]
     clips = {k: sf.read(tmp_path / "out" / "audio" / f"p000_{k}.wav", dtype="float32") for k in ("base", "adapter")}
     assert all(rate == sr and len(wav) == sr for wav, rate in clips.values())
+    # the report's clips keep the family's channels (Stable Audio Open: stereo WAVs)
+    channels = get_family(family).channels
+    assert {sf.info(tmp_path / "out" / "audio" / f"p000_{k}.wav").channels for k in clips} == {channels}
+    assert sf.info(tmp_path / "out" / "audio" / "reference_0.wav").channels == 1
     assert np.abs(clips["adapter"][0] - clips["base"][0]).max() > 1e-3
     if music:
         _, loaded = load_for_inference(adapter, None, None)

@@ -21,6 +21,7 @@ from musiclora.eval.evaluate import (
     codes_decoder,
     evaluate,
     evaluate_adapter,
+    fit_length,
     load_clap_bundle,
 )
 from musiclora.eval.inputs import PromptSpec, load_reference
@@ -199,6 +200,17 @@ def test_periodic_evaluator_restores_train_mode_and_rng(tiny_musicgen_dir, promp
     assert loaded.model.training
     assert torch.equal(state, torch.get_rng_state())
     assert evaluator(loaded.model, loaded.tokenizer) == first
+    # a stereo family's clips [2, L] score as their downmix (KAD, CLAP, reference distances)
+    clips = evaluator.generate(loaded.model, loaded.tokenizer)
+    stereo = [np.stack([c, 0.5 * c]) for c in clips]
+    assert evaluator.score(stereo).metrics == pytest.approx(evaluator.score([0.75 * c for c in clips]).metrics, rel=1e-4)
+
+
+def test_fit_length_cuts_and_pads_the_last_axis():
+    stereo = np.ones((2, 5), np.float32)
+    assert fit_length(stereo, 3).shape == (2, 3) and fit_length(stereo[0], 3).shape == (3,)
+    padded = fit_length(stereo, 7)
+    assert padded.shape == (2, 7) and padded.dtype == np.float32 and padded[:, 5:].sum() == 0 and padded[:, :5].all()
 
 
 def test_bad_inputs_are_named(tiny_musicgen_dir, trained_adapter, prompts, reference_dir, tmp_path):
