@@ -353,9 +353,9 @@ def _generation(engine, family, loaded, args) -> dict[str, Any]:
                     wav, sr = family.generate(model, loaded.tokenizer, request)
             _sync(engine.device)
             wall = time.time() - t0
-            audio_s = len(wav) / sr
+            audio_s = wav.shape[-1] / sr  # [L] or [C, L] (a stereo family): seconds are the last axis
             out[key] = {"wall_s": wall, "audio_s": audio_s, "rtf": wall / max(audio_s, 1e-9),
-                        "finite": bool(np.isfinite(wav).all())}
+                        "channels": 1 if wav.ndim == 1 else int(wav.shape[0]), "finite": bool(np.isfinite(wav).all())}
         except Exception as exc:  # noqa: BLE001 - reported in the JSON, the check goes on
             out[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
     return out

@@ -3,7 +3,9 @@
 `python -m serve.ui --endpoint http://127.0.0.1:33080 --port 33081` (Gradio, loopback by default).
 The page only calls the HTTP API (`musiclora.client`), so it works against `serve run
 serve/config.yaml`, `python -m serve.local` or any deployment; the API key comes from
-`--api-key` or `$MUSICLORA_API_KEY` and stays on the page's server.
+`--api-key` or `$MUSICLORA_API_KEY` and stays on the page's server. The clip plays as the service
+sent it, with the model family's channels (stereo for Stable Audio Open; `channels` in the
+parameters shown).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import yaml
 
 from musiclora.adapter_registry import Registry
 from musiclora.client import ServiceClient, ServiceError, generate_to_file
+from musiclora.models.families import get_family
 from musiclora.storage import ensure_bucket
 from serve.deploy import ServeRun, replicas, write_config
 from tests.serve_helpers import make_random_adapter, reference_audio, wav_bytes_to_array
@@ -117,7 +118,7 @@ def test_client_writes_a_clip_with_a_melody_upload(service, tmp_path):
                             duration_s=0.3, seed=2, melody=melody)
     assert info["melody"] == "yes" and info["adapter"] == "beta@1" and info["seed"] == "2"
     audio, sr = sf.read(tmp_path / "out.wav")
-    assert sr == 32_000 and len(audio) == int(0.3 * sr)
+    assert sr == 32_000 and len(audio) == int(0.3 * sr) and audio.ndim == 1 and info["channels"] == "1"
 
 
 def test_bad_input_is_a_4xx_and_the_service_keeps_serving(service):
@@ -163,8 +164,13 @@ def test_an_adapter_of_each_diffusion_family_runs_on_its_model(service, family, 
         assert clip.params["family"] == family and clip.params["model"] == family, clip.params
         assert clip.params["sample-rate"] == str(sample_rate) and clip.params["steps"] == "2"
     assert clips["adapter"].params["adapter"] == f"{name}@1" and clips["base"].params["adapter"] == "none"
-    audio = {k: wav_bytes_to_array(c.audio) for k, c in clips.items()}
-    assert all(sr == sample_rate and len(a) == sample_rate // 2 for a, sr in audio.values())
+    audio = {k: wav_bytes_to_array(c.audio) for k, c in clips.items()}  # [L] or [C, L], as the family gives it
+    channels = get_family(family).channels  # 1, or 2 for Stable Audio Open: the served WAV keeps them
+    assert all(sr == sample_rate and a.shape[-1] == sample_rate // 2 and (a.ndim == 1) == (channels == 1)
+               for a, sr in audio.values())
+    assert all(c.params["channels"] == str(channels) and c.params["audio-duration-s"] == "0.500" for c in clips.values())
+    if channels == 2:
+        assert audio["base"][0].shape[0] == 2 and np.abs(audio["base"][0][0] - audio["base"][0][1]).max() > 1e-3
     assert np.mean(np.abs(audio["adapter"][0] - audio["base"][0]) > 2 / 32768) > 0.5  # the adapter moves most samples
     want = reference_audio(base, adapter_dir, "slow strings", 0.5, 7, family=family, steps=2)
     np.testing.assert_allclose(audio["adapter"][0], want, rtol=0, atol=2 / 32768)
