@@ -56,4 +56,5 @@ def test_stable_audio_lora_job_end_to_end(ray_cluster, s3_store, corpus_metadata
 
     gen = generate("calm piano", str(tmp_path / "out.wav"), adapter=adapter, duration_s=1.0, steps=3)
     audio, rate = sf.read(gen["wav"], dtype="float32")
-    assert gen["family"] == "stable-audio-open" and rate == 44100 and audio.shape[0] == 44100 and gen["rms"] > 0
+    assert gen["family"] == "stable-audio-open" and rate == 44100 and audio.shape == (44100, 2) and gen["rms"] > 0
+    assert gen["channels"] == 2  # the family's stereo, written as a 2-channel WAV

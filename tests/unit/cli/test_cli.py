@@ -40,3 +40,27 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     proc = subprocess.run([BIN, "train", "--config", str(cfg), "adapter.lora_dropout=1.5"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "adapter.lora_dropout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("family, channels", [("stable-audio-open", 2), ("musicgen-melody", 1)])
+def test_generate_writes_the_family_channels(family, channels, tmp_path):
+    """`musiclora generate` on a tiny base: Stable Audio Open's stereo comes out as a 2-channel 44.1 kHz WAV
+    whose channels differ (not a downmix), a mono family's as 1 channel; the printed JSON says so."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from musiclora.models.families import get_family
+
+    out = tmp_path / "clip.wav"
+    result = CliRunner().invoke(app, ["generate", "--family", family, "--base", "tiny", "--prompt", "calm piano",
+                                      "--duration-s", "0.5", "--steps", "2", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    audio, sr = sf.read(out, dtype="float32", always_2d=True)  # [L, C]
+    rate = get_family(family).sample_rate
+    assert sr == info["sample_rate"] == rate and audio.shape == (round(0.5 * rate), channels)
+    assert info["channels"] == channels and info["duration_s"] == pytest.approx(0.5, abs=1 / rate)
+    if channels == 2:
+        assert np.abs(audio[:, 0] - audio[:, 1]).max() > 1e-3
