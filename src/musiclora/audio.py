@@ -219,58 +219,52 @@ def to_channels(x: np.ndarray, channels: int = 1) -> np.ndarray:
 
 
 def num_channels(x: np.ndarray) -> int:
-    """Channels of a waveform in this module's layout: 1 for mono [L], C for [C, L].
-
-    Raises:
-        ValueError: `x` is not 1-D or 2-D.
-    """
+    """Channels of a waveform [L] (1) or [C, L] (C). Raises ValueError when `x` is neither."""
     x = np.asarray(x)
     if x.ndim not in (1, 2):
         raise ValueError(f"audio must be mono [L] or channels-first [C, L], got shape {x.shape}")
     return 1 if x.ndim == 1 else int(x.shape[0])
 
 
+def _mono_or_stereo(x: np.ndarray, label: str) -> np.ndarray:
+    """`x` as float32 [L] or [C, L] with C = 1 or 2; a ValueError names `label` (and an [L, C] layout)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 2 and x.shape[1] <= 2 < x.shape[0]:
+        raise ValueError(f"{label} of shape {x.shape} looks like [L, C] (soundfile's layout); pass channels "
+                         "first [C, L], or mono [L]")
+    if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[0] > 2) or x.shape[-1] == 0:
+        raise ValueError(f"{label} must be mono [L] or [C, L] with C = 1 or 2 and L > 0, got shape {x.shape}")
+    return x
+
+
 def save_audio(dest: str | os.PathLike | BinaryIO, x: np.ndarray, sample_rate: int,
                audio_format: str = "WAV") -> None:
-    """Write a float waveform as a 16-bit PCM file, keeping its channels (the inverse of `load_audio`).
+    """Write a float waveform as a 16-bit PCM file, keeping its channels (the inverse of `load_clip`).
 
-    soundfile writes frames-first [L, C]; this takes the module's channels-first layout and
-    transposes, so a stereo clip becomes a 2-channel file (never L channels of 2 frames).
+    soundfile writes frames-first [L, C]; this transposes, so [2, L] is a 2-channel file.
 
     Args:
-        dest: a path, or a writable binary file object (then `audio_format` names the container).
-        x: float waveform, mono [L] or channels-first [C, L] with C = 1 or 2 (what
-            `ModelFamily.generate` returns); clipped to [-1, 1].
+        dest: a path (its folder is made), or a writable binary file object.
+        x: float mono [L] or channels-first [C, L], C = 1 or 2 (what `ModelFamily.generate` returns);
+            clipped to [-1, 1].
         sample_rate: Hz.
         audio_format: libsndfile container, "WAV" or "FLAC" (any case).
 
     Raises:
-        ValueError: `x` is not [L] or [C <= 2, L] (an [L, C] array is named as such), is empty, or
+        ValueError: `x` is empty or not [L] / [C <= 2, L] (an [L, C] array is named as such), or
             `audio_format` is neither WAV nor FLAC.
     """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 2 and x.shape[1] <= 2 < x.shape[0]:
-        raise ValueError(f"audio of shape {x.shape} looks like [L, C] (soundfile's layout); pass channels first "
-                         "[C, L], or mono [L]")
-    if num_channels(x) > 2 or x.shape[-1] == 0:
-        raise ValueError(f"audio must be mono [L] or [C, L] with C = 1 or 2 and L > 0, got shape {x.shape}")
+    x = _mono_or_stereo(x, "audio")
     if audio_format.upper() not in ("WAV", "FLAC"):
         raise ValueError(f"audio_format must be WAV or FLAC, got {audio_format!r}")
-    frames = np.clip(x.T, -1.0, 1.0)  # [L] or [L, C]
     if isinstance(dest, (str, os.PathLike)):
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(dest, frames, int(sample_rate), subtype="PCM_16", format=audio_format.upper())
+    sf.write(dest, np.clip(x.T, -1.0, 1.0), int(sample_rate), subtype="PCM_16", format=audio_format.upper())
 
 
 def load_clip(source: str | os.PathLike | BinaryIO, name: str | None = None) -> tuple[np.ndarray, int]:
-    """Decode a generated clip back into the layout `ModelFamily.generate` returns.
-
-    Returns:
-        (float32 waveform, sr): mono [L] for a 1-channel file, channels-first [C, L] otherwise.
-
-    Raises:
-        As `load_audio`.
-    """
+    """`load_audio` in `ModelFamily.generate`'s layout: (float32 mono [L] for a 1-channel file, else
+    [C, L]; sr in Hz). Raises as `load_audio`."""
     wav, sr = load_audio(source, name)
     return (wav[0] if wav.shape[0] == 1 else wav), sr
 
@@ -556,8 +550,7 @@ def check_clips(wavs: list[np.ndarray], min_samples: int = 1) -> list[np.ndarray
     """Validate a list of clips for an embedder and mix each down to mono.
 
     Args:
-        wavs: waveforms, each float mono [L_i] or channels-first [C, L_i] with C = 1 or 2 (a stereo
-            family's output; `to_mono`'s mean of the channels is what gets embedded).
+        wavs: float mono [L_i] or [C, L_i] with C = 1 or 2 (a stereo family's output: its `to_mono` is embedded).
         min_samples: the shortest clip accepted, in samples.
 
     Returns:
@@ -571,15 +564,9 @@ def check_clips(wavs: list[np.ndarray], min_samples: int = 1) -> list[np.ndarray
         raise ValueError("wavs is empty: need at least one clip")
     out = []
     for i, wav in enumerate(wavs):
-        arr = np.asarray(wav, dtype=np.float32)
-        if arr.ndim == 2 and arr.shape[1] <= 2 < arr.shape[0]:
-            raise ValueError(f"wavs[{i}] of shape {arr.shape} looks like [L, C] (soundfile's layout); pass "
-                             "channels first [C, L], or mono [L]")
-        if arr.ndim == 2 and arr.shape[0] <= 2:
-            arr = to_mono(arr)
-        if arr.ndim != 1 or arr.size < min_samples:
-            raise ValueError(f"wavs[{i}] must be mono [L] or [C <= 2, L] with L >= {min_samples}, "
-                             f"got shape {arr.shape}")
+        arr = to_mono(_mono_or_stereo(wav, f"wavs[{i}]"))
+        if arr.size < min_samples:
+            raise ValueError(f"wavs[{i}] must be mono [L] or [C <= 2, L] with L >= {min_samples}, got {np.shape(wav)}")
         if not np.isfinite(arr).all():
             raise ValueError(f"wavs[{i}] contains NaN or infinite samples")
         out.append(arr)

@@ -176,7 +176,7 @@ def test_save_audio_keeps_the_channels_and_load_clip_gives_them_back(tmp_path, a
 
 
 @pytest.mark.parametrize(("shape", "match"), [((4410, 2), r"looks like \[L, C\]"), ((3, 100), "C = 1 or 2"),
-                                              ((2, 0), "L > 0"), ((1, 2, 3), r"channels-first \[C, L\]")])
+                                              ((2, 0), "L > 0"), ((1, 2, 3), "C = 1 or 2")])
 def test_save_audio_refuses_other_layouts(shape, match):
     with pytest.raises(ValueError, match=match):
         save_audio(io.BytesIO(), np.zeros(shape, np.float32), 16000)
