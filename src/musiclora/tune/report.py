@@ -178,9 +178,9 @@ def write_report(summary: dict[str, Any], out_dir: str, metric: str | None = Non
     chosen = summary.get("metric") or objs[0]
     md = [f"# Tune report: {summary.get('name')}", "",
           f"Best trial: `{best.get('trial_id')}` ({chosen} = {best.get(chosen)}), registry: `{summary.get('registry')}`",
-          "", f"Objectives: {', '.join(objs)} (val_loss: held-out validation loss in nats, the best-by-validation "
-          "value for finished trials and the value at the rung for trials ASHA stopped; kad: KAD x100 of generated "
-          "against validation audio, lower is better).", "", *lines, ""]
+          "", (f"Objectives: {', '.join(objs)} (val_loss: held-out validation loss in nats, the best-by-validation "
+               "value for finished trials and the value at the rung for trials ASHA stopped; kad: KAD x100 of "
+               "generated against validation audio, lower is better)."), "", *lines, ""]
     md += [f"![{k}]({Path(p).name})" for k, p in paths.items()]
     (out / "tune_report.md").write_text("\n".join(md) + "\n")
     paths["markdown"] = str(out / "tune_report.md")

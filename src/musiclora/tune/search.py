@@ -3,7 +3,11 @@
 Each trial is a Tune function that launches its own `TorchTrainer` (the deprecated
 `Tuner(trainer)` pattern is not used) with `TuneReportCallback`, so every `ray.train.report`
 of the workers reaches Tune and ASHA can stop weak trials. The search space uses the same dotted
-keys as `key=value` overrides and is validated value by value before any trial starts. Curves go
+keys as `key=value` overrides and is validated value by value before any trial starts. The objective
+(`musiclora.tune.objective`) is the held-out validation loss by default: every trial validates at step 0
+and every `run.eval_every` steps, every report carries the latest value, and ASHA's rungs fall on
+validation steps; an optional audio objective (KAD of generated against validation audio, scored at
+the end of each finished trial) can pick the winner instead. Curves go
 to TensorBoard event files (Tune's TBX logger) and MLflow; the winner's adapter is published to
 the adapter registry and promoted. Re-running the same name and storage path restores the
 experiment (`Tuner.restore`) without re-running finished trials.

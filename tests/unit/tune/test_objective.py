@@ -12,7 +12,13 @@ import yaml
 
 from musiclora.config import ASHAConfig, AudioObjective, ConfigError, TrainConfig, TuneConfig
 from musiclora.train.loop import latest_val
-from musiclora.tune.objective import audio_score, check_objective, pick_best, prompts_from_reference, trial_metrics
+from musiclora.tune.objective import (
+    audio_score,
+    check_objective,
+    pick_best,
+    prompts_from_reference,
+    trial_metrics,
+)
 from musiclora.tune.search import asha_schedule, load_tune_config
 
 TRAIN = {"data": {"shards_url": "s3://b/s"}, "run": {"storage_path": "s3://b/r", "adapters_url": "s3://b/a"},
@@ -173,3 +179,19 @@ def test_val_loss_on_shards_without_a_val_split_fails_before_ray_starts(tmp_path
     with pytest.raises(PreflightError, match="no 'val' split"):
         run_tune(tune_cfg, base)
     assert not ray.is_initialized()  # refused on the driver: no Ray, no trial, no worker
+
+
+def test_dry_run_refuses_val_loss_when_the_prepare_config_holds_out_nothing():
+    from pathlib import Path
+
+    from musiclora.train.dryrun import dry_run_tune
+
+    path = Path(__file__).resolve().parents[3] / "ray_jobs/configs/tune_musicgen_melody_tiny.yaml"
+    ok_cfg, ok_base = load_tune_config(path)
+    assert dry_run_tune(ok_cfg, ok_base, str(path), offline=True)["ok"]
+    # the demo shards' prepare config (val_fraction 0) instead of the tune one's
+    tune_cfg, base = load_tune_config(path, ["train_overrides=[data.prepare_config=prepare_musicgen_melody_tiny.yaml, "
+                                             "data.shards_url=s3://musiclora/shards/musicgen-melody/demo, "
+                                             "run.eval_every=4]"])
+    report = dry_run_tune(tune_cfg, base, str(path), offline=True)
+    assert not report["ok"] and any("val_fraction 0" in p for p in report["problems"]), report["problems"]

@@ -36,7 +36,8 @@ def test_report_plots_both_objectives_against_every_key_and_a_parallel_view(tmp_
         assert w > 2 * h, key  # one panel per objective: val_loss and kad side by side
         assert _ink(paths[key]) > 0.02, key
     assert _ink(paths["parallel_coordinates"]) > 0.05
-    md = open(paths["markdown"]).read()
+    with open(paths["markdown"]) as f:
+        md = f.read()
     assert "![parallel_coordinates](parallel_coordinates.png)" in md and "![adapter.preset](adapter_preset.png)" in md
     assert md.index("| t4 |") < md.index("| t0 |")  # sorted by val_loss, best first
     header = next(line for line in md.splitlines() if line.startswith("| trial |"))
