@@ -23,7 +23,7 @@ def _tune_args(tmp_path, tiny, name, extra=()):
             f"storage_path=file://{tmp_path}/tune", f"registry_url=file://{tmp_path}/registry",
             f"mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
             (f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS_WITH_VAL}, data.batch_size=2, "
-             "data.val_batches=1, optim.max_steps=12, run.checkpoint_every=6, run.log_every=2, run.eval_every=2, "
+             "data.val_batches=1, optim.max_steps=12, run.checkpoint_every=6, run.log_every=2, run.eval_every=6, "
              "run.storage_path=s3://musiclora-it/runs, "
              "run.adapters_url=s3://musiclora-it/adapters]"), *extra]
 
