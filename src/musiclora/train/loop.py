@@ -1,7 +1,8 @@
 """`train_loop_per_worker`: what each Ray Train worker runs, top to bottom.
 
-load base -> LoRA -> resume from the last checkpoint -> deepspeed.initialize -> stream this
-rank's batches -> step -> (validate, early-stop) -> report -> checkpoint.
+load base -> LoRA -> resume from the last checkpoint -> deepspeed.initialize -> (validate the base:
+`val_base`) -> stream this rank's batches -> step -> (validate, early-stop) -> report -> checkpoint.
+Every report of a validating run carries the latest validation loss and its step (`latest_val`).
 
 Checkpoints are safetensors + JSON only and hold everything needed to continue identically
 (`checkpoint.py`): adapter, fp32 masters and AdamW moments, the step (= LR schedule position),
