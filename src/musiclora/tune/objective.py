@@ -27,10 +27,13 @@ def check_objective(tune_cfg: TuneConfig, cfg: TrainConfig) -> None:
         cfg: the trials' base TrainConfig (after `train_overrides`).
 
     Raises:
-        ConfigError: metric `val_loss` with `run.eval_every` 0; an explicit `asha.grace_period`
+        ConfigError: an unknown audio-objective embedder; metric `val_loss` with `run.eval_every`
+            0; an explicit `asha.grace_period`
             that is not a multiple of `run.eval_every` (ASHA's rungs are grace_period x
             reduction_factor^k: a rung off a validation step would judge a value measured earlier).
     """
+    if tune_cfg.audio_objective is not None:
+        check_embedder(tune_cfg.audio_objective.embedder)
     if tune_cfg.metric != "val_loss":
         return
     every = cfg.run.eval_every
@@ -41,6 +44,31 @@ def check_objective(tune_cfg: TuneConfig, cfg: TrainConfig) -> None:
     if grace and grace % every:
         raise ConfigError(f"asha.grace_period {grace} is not a multiple of run.eval_every {every}: with metric "
                           "val_loss every ASHA rung must fall on a validation step (or leave it unset to derive it)")
+
+
+def check_embedder(spec: str) -> None:
+    """Refuse an embedder spec `musiclora.eval.evaluate.build_embedders` would not resolve (no weights loaded).
+
+    Raises:
+        ConfigError: naming `audio_objective.embedder` and the known specs.
+    """
+    from musiclora.eval.embeddings import EMBEDDERS
+
+    if spec not in ("clap", "encodec", *EMBEDDERS) and not spec.startswith("encodec:"):
+        raise ConfigError(f"audio_objective.embedder {spec!r}: expected one of clap, encodec, encodec:<hub id or "
+                          f"folder>, {', '.join(sorted(EMBEDDERS))}")
+
+
+def check_val_clips(tune_cfg: TuneConfig, manifest: dict[str, Any]) -> None:
+    """The audio objective needs at least 2 validation samples (KAD compares sets); checked on the driver.
+
+    Raises:
+        ValueError: fewer than 2 samples in the shards' `val` split.
+    """
+    n = manifest.get("num_samples", {}).get("val", 0)
+    if tune_cfg.audio_objective is not None and n < 2:
+        raise ValueError(f"audio_objective: the shards' 'val' split has {n} sample(s); KAD needs at least 2 "
+                         "(prepare with a larger val_fraction)")
 
 
 def trial_metrics(summary: dict[str, Any]) -> dict[str, Any]:

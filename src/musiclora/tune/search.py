@@ -34,7 +34,14 @@ from musiclora.config import (
     validate_config,
 )
 from musiclora.models.families import get_family
-from musiclora.tune.objective import audio_score, check_objective, pick_best, selection, trial_metrics
+from musiclora.tune.objective import (
+    audio_score,
+    check_objective,
+    check_val_clips,
+    pick_best,
+    selection,
+    trial_metrics,
+)
 
 # The trial function only drives its TorchTrainer (whose workers reserve the CPUs/GPUs): it asks for
 # no CPU, so a trial fits where its workers fit, and a token of memory, since Tune refuses an empty
@@ -188,10 +195,14 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from musiclora.storage import pyarrow_fs
-    from musiclora.train.trainer import preflight, worker_env
+    from musiclora.train.trainer import PreflightError, preflight, worker_env
 
     cfg = validate_config(base, TrainConfig)
-    preflight(cfg)  # shards, targets, storage: once, before any trial
+    checks = preflight(cfg)  # shards (a val split for val_loss), targets, storage: once, before any trial
+    try:
+        check_val_clips(tune_cfg, checks["manifest"])
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env(bool(base.get("run", {}).get("use_gpu")))})
     fs, path = pyarrow_fs(tune_cfg.storage_path)

@@ -47,6 +47,7 @@ def test_default_objective_is_val_loss_and_needs_validation(tmp_path):
     ({"select_by": "kad"}, "select_by: kad needs an audio_objective"),
     ({"asha": {"grace_period": 6}}, r"asha\.grace_period 6 is not a multiple of run\.eval_every 4"),
     ({"audio_objective": {"num_clips": 1}}, "num_clips"),
+    ({"audio_objective": {"embedder": "vggish"}}, r"audio_objective\.embedder 'vggish': expected one of clap"),
 ])
 def test_impossible_objectives_are_refused_before_any_trial(tmp_path, tune, match):
     with pytest.raises(ConfigError, match=match):
@@ -190,8 +191,18 @@ def test_dry_run_refuses_val_loss_when_the_prepare_config_holds_out_nothing():
     ok_cfg, ok_base = load_tune_config(path)
     assert dry_run_tune(ok_cfg, ok_base, str(path), offline=True)["ok"]
     # the demo shards' prepare config (val_fraction 0) instead of the tune one's
-    tune_cfg, base = load_tune_config(path, ["train_overrides=[data.prepare_config=prepare_musicgen_melody_tiny.yaml, "
-                                             "data.shards_url=s3://musiclora/shards/musicgen-melody/demo, "
-                                             "run.eval_every=4]"])
+    demo = ("train_overrides=[data.prepare_config=prepare_musicgen_melody_tiny.yaml, "
+            "data.shards_url=s3://musiclora/shards/musicgen-melody/demo, run.eval_every=4]")
+    tune_cfg, base = load_tune_config(path, [demo])
     report = dry_run_tune(tune_cfg, base, str(path), offline=True)
     assert not report["ok"] and any("val_fraction 0" in p for p in report["problems"]), report["problems"]
+
+
+def test_audio_objective_needs_two_validation_samples():
+    from musiclora.tune.objective import check_val_clips
+
+    cfg = TuneConfig.model_validate({"train_config": "t", "search_space": {}, "audio_objective": {}})
+    check_val_clips(cfg, {"num_samples": {"train": 8, "val": 2}})
+    with pytest.raises(ValueError, match="'val' split has 1 sample"):
+        check_val_clips(cfg, {"num_samples": {"train": 8, "val": 1}})
+    check_val_clips(TuneConfig.model_validate({"train_config": "t", "search_space": {}}), {"num_samples": {}})
