@@ -340,7 +340,7 @@ class AudioObjective(_Strict):
     Attributes:
         embedder: KAD embedder spec of `musiclora.eval.evaluate.build_embedders` ("mel-stats"
             needs no weights; "encodec" is the base model's own codec; "clap" needs a CLAP).
-        clap: CLAP hub id or folder for the "clap" embedder (None: `musiclora.eval`'s default).
+        clap: CLAP hub id or folder, required by the "clap" embedder (a random CLAP gives no real score).
         num_clips: validation samples used (captions generated from, and reference clips), >= 2.
         duration_s: seconds generated per caption (also the reference clip length).
         guidance_scale: classifier-free guidance for generation.

@@ -27,13 +27,16 @@ def check_objective(tune_cfg: TuneConfig, cfg: TrainConfig) -> None:
         cfg: the trials' base TrainConfig (after `train_overrides`).
 
     Raises:
-        ConfigError: an unknown audio-objective embedder; metric `val_loss` with `run.eval_every`
+        ConfigError: an unknown audio-objective embedder, or `clap` without a checkpoint; metric `val_loss` with `run.eval_every`
             0; an explicit `asha.grace_period`
             that is not a multiple of `run.eval_every` (ASHA's rungs are grace_period x
             reduction_factor^k: a rung off a validation step would judge a value measured earlier).
     """
     if tune_cfg.audio_objective is not None:
         check_embedder(tune_cfg.audio_objective.embedder)
+        if tune_cfg.audio_objective.embedder == "clap" and not tune_cfg.audio_objective.clap:
+            raise ConfigError("audio_objective.embedder clap needs audio_objective.clap: a CLAP checkpoint (hub id "
+                              "or folder, e.g. laion/larger_clap_music); a random CLAP gives no real score")
     if tune_cfg.metric != "val_loss":
         return
     every = cfg.run.eval_every
@@ -158,7 +161,7 @@ def audio_score(adapter_url: str, shards_url: str, objective: AudioObjective) ->
     codec = _codec_of(loaded)
     reference = load_reference(shards_url, family.sample_rate, objective.duration_s, objective.num_clips, "val",
                                decode_codes=codes_decoder(codec) if codec is not None else None)
-    settings = EvalSettings(clap=objective.clap or "tiny", embedders=(objective.embedder,),
+    settings = EvalSettings(clap=objective.clap, embedders=(objective.embedder,),
                             duration_s=objective.duration_s, guidance_scale=objective.guidance_scale,
                             max_reference_clips=objective.num_clips, reference_split="val", music=False)
     prompts = prompts_from_reference(reference, family.takes_melody)

@@ -48,6 +48,7 @@ def test_default_objective_is_val_loss_and_needs_validation(tmp_path):
     ({"asha": {"grace_period": 6}}, r"asha\.grace_period 6 is not a multiple of run\.eval_every 4"),
     ({"audio_objective": {"num_clips": 1}}, "num_clips"),
     ({"audio_objective": {"embedder": "vggish"}}, r"audio_objective\.embedder 'vggish': expected one of clap"),
+    ({"audio_objective": {"embedder": "clap"}}, r"embedder clap needs audio_objective\.clap"),  # no random CLAP
 ])
 def test_impossible_objectives_are_refused_before_any_trial(tmp_path, tune, match):
     with pytest.raises(ConfigError, match=match):
