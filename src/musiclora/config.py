@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FAMILIES = ("musicgen-melody", "audioldm", "audioldm2", "stable-audio-open")
 
@@ -331,6 +331,29 @@ class ASHAConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class AudioObjective(_Strict):
+    """The optional audio objective of a search: at the end of each trial that trained to the end,
+    generate from the validation captions (conditioned on the validation audio's melody where the
+    family takes one) and score KAD (Chung et al. 2025, `musiclora.eval.metrics.kad`) against
+    the validation audio, in `musiclora.eval`'s embedding space `embedder`.
+
+    Attributes:
+        embedder: KAD embedder spec of `musiclora.eval.evaluate.build_embedders` ("mel-stats"
+            needs no weights; "encodec" is the base model's own codec; "clap" needs a CLAP).
+        clap: CLAP hub id or folder, required by the "clap" embedder (a random CLAP gives no real score).
+        num_clips: validation samples used (captions generated from, and reference clips), >= 2.
+        duration_s: seconds generated per caption (also the reference clip length).
+        guidance_scale: classifier-free guidance for generation.
+    """
+
+    kind: Literal["kad"] = "kad"
+    embedder: str = "mel-stats"
+    clap: str | None = None
+    num_clips: int = Field(8, ge=2)
+    duration_s: float = Field(4.0, gt=0)
+    guidance_scale: float = Field(3.0, ge=0)
+
+
 class TuneConfig(_Strict):
     """A Ray Tune search over a training config (`ray_jobs/configs/tune_*.yaml`).
 
@@ -338,7 +361,17 @@ class TuneConfig(_Strict):
         train_config: the TrainConfig YAML every trial starts from (relative to this file or absolute).
         train_overrides: dotted overrides applied to it before the search space.
         search_space: dotted TrainConfig key -> dimension (same keys as `key=value` overrides).
-        metric / mode: what ASHA and the winner selection optimise (`val_loss` needs val shards).
+        metric / mode: what ASHA optimises, and the winner selection unless `select_by` says
+            otherwise. It must be in every report of every trial (Tune's strict metric check):
+            `val_loss` (default), the held-out validation loss, which the training loop measures at
+            step 0 and every `run.eval_every` steps and carries forward in every report with the
+            step it was measured at (`val_step`), so it needs `run.eval_every > 0` and shards with
+            a `val` split; or `loss`, the last training step's loss (dropout on, so noisy and
+            biased against `adapter.lora_dropout`).
+        audio_objective: optional audio score computed at the end of each finished trial (see
+            `AudioObjective`); reported as `kad`.
+        select_by: what picks the winner: None (the `metric`, in `mode`) or `kad` (lowest KAD,
+            needs `audio_objective`).
         num_samples: trials.
         max_concurrent: trials at once (None: as many as the cluster's CPUs/GPUs fit).
         seed: seed of the search algorithm; trials' data seeds stay as in the train config.
@@ -355,8 +388,10 @@ class TuneConfig(_Strict):
     train_config: str
     train_overrides: list[str] = []
     search_space: dict[str, SearchDim]
-    metric: str = "loss"
+    metric: Literal["val_loss", "loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
+    audio_objective: AudioObjective | None = None
+    select_by: Literal["kad"] | None = None
     num_samples: int = Field(4, gt=0)
     max_concurrent: int | None = Field(None, gt=0)
     seed: int = 0
@@ -366,3 +401,9 @@ class TuneConfig(_Strict):
     registry_name: str | None = None
     mlflow_tracking_uri: str | None = None
     worker_start_attempts: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _kad_needs_audio_objective(self) -> TuneConfig:
+        if self.select_by == "kad" and self.audio_objective is None:
+            raise ValueError("select_by: kad needs an audio_objective (e.g. audio_objective: {embedder: mel-stats})")
+        return self

@@ -109,10 +109,14 @@ AUTOSCALER = Resources("500m", "512Mi")
 JOB_TTL_S = 3600  # the finished RayJob (and its status) stays this long, its cluster is gone at once
 
 # The corpus (metadata.jsonl + audio) is uploaded to the bucket first, e.g. `aws s3 sync`.
+# One prepare makes shards with a `val` split, for the train job and for the search (its objective
+# is the validation loss).
 JOBS = (
-    Job("prepare", "ray_jobs/configs/prepare_musicgen_melody_tiny.yaml",
+    Job("prepare", "ray_jobs/configs/prepare_musicgen_melody_tiny_val.yaml",
         ("metadata=s3://musiclora/corpus/demo/metadata.jsonl",)),
-    Job("train", "ray_jobs/configs/musicgen_melody_tiny.yaml"),
+    Job("train", "ray_jobs/configs/musicgen_melody_tiny.yaml",
+        ("data.shards_url=s3://musiclora/shards/musicgen-melody/demo-val",
+         "data.prepare_config=prepare_musicgen_melody_tiny_val.yaml")),
     Job("tune", "ray_jobs/configs/tune_musicgen_melody_tiny.yaml",
         workers=WorkerGroup("workers", Resources("2", "8Gi"), 0, 4), active_deadline_s=12 * 3600),
 )

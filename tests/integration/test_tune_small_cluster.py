@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .jobs import REPO, SHARDS
+from .jobs import REPO, SHARDS_WITH_VAL
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,14 @@ def _tune_run(cluster, s3_store, tmp_path, tiny, name: str, *extra: str) -> subp
     args = [exe, "tune", "run", "--config", str(REPO / "ray_jobs/configs/tune_musicgen_melody_tiny.yaml"),
             f"name={name}", f"storage_path=file://{tmp_path}/tune", f"registry_url=file://{tmp_path}/registry",
             f"mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db", "num_samples=2",
-            (f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS}, data.batch_size=2, "
-             f"optim.max_steps={STEPS}, optim.warmup_steps=1, run.checkpoint_every={STEPS}, run.log_every=2, "
+            (f"train_overrides=[model.base={tiny}, data.shards_url={SHARDS_WITH_VAL}, data.batch_size=2, "
+             f"data.val_batches=1, optim.max_steps={STEPS}, optim.warmup_steps=1, run.checkpoint_every={STEPS}, "
+             "run.log_every=2, run.eval_every=2, "
              "run.storage_path=s3://musiclora-it/runs, run.adapters_url=s3://musiclora-it/adapters]"), *extra]
     return subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
 
 
-def test_tune_run_on_two_cpus_finishes_and_reports_a_trial_without_workers(two_cpu_ray, s3_store, shards,
+def test_tune_run_on_two_cpus_finishes_and_reports_a_trial_without_workers(two_cpu_ray, s3_store, shards_with_val,
                                                                           tiny_musicgen_dir, tmp_path):
     from musiclora.adapter_registry import Registry
     from musiclora.tune.report import load_summary

@@ -44,9 +44,10 @@ def report(
     name: str = typer.Option(..., help="Tune experiment name"),
     storage_path: str = typer.Option("s3://musiclora/tune", help="Tune storage_path"),
     out: Path = typer.Option(Path("tune_report"), help="folder for tune_report.md and PNG plots"),
-    metric: str = typer.Option("loss"),
+    metric: str | None = typer.Option(None, help="objective to sort and colour by (default: the search's)"),
 ) -> None:
-    """PNG plots of the metric against r, lora_alpha, lora_dropout, lr, and a Markdown table of the trials."""
+    """PNG plots of val_loss (and KAD, when the search scored audio) against every searched key (r, lora_alpha,
+    lora_dropout, lr, preset), a parallel-coordinates view of all trials, and a Markdown table of the trials."""
     from musiclora.tune.report import load_summary, write_report
 
     try:

@@ -161,6 +161,7 @@ class ReferenceSet:
         labels: where each clip came from ("<file>@<start>s").
         origin: what was read (the folder, file or shards URL and split).
         notes: how clips were obtained (e.g. how many shard samples were decoded from codes).
+        captions: shards only: each clip's caption, as the shard sample holds it (empty for audio files).
     """
 
     wavs: list[np.ndarray]
@@ -168,6 +169,7 @@ class ReferenceSet:
     labels: list[str]
     origin: str
     notes: dict[str, Any] = field(default_factory=dict)
+    captions: list[str] = field(default_factory=list)
 
 
 def _is_shards(source: str) -> bool:
@@ -250,7 +252,7 @@ def _shard_reference(
             f"reference {source} ({split}): {len(samples)} segment(s) of at least {clip_s} s; need 2"
         )
     n = round(clip_s * sample_rate)
-    wavs, labels, decoded, cache = [], [], 0, {}
+    wavs, labels, captions, decoded, cache = [], [], [], 0, {}
     for s in _spread(samples, max_clips):
         meta, src = s["json"], s["json"].get("source")
         start = round(float(meta.get("start_s", 0.0)) * sample_rate)
@@ -272,12 +274,14 @@ def _shard_reference(
             label = f"{s['__key__']} (decoded codes)"
         wavs.append(np.pad(clip, (0, n - clip.size)).astype(np.float32))
         labels.append(label)
+        captions.append(str(meta.get("caption", "")))
     return ReferenceSet(
         wavs=wavs,
         sample_rate=sample_rate,
         labels=labels,
         origin=f"{source} ({split} split)",
         notes={"segments_in_split": len(samples), "decoded_from_codes": decoded},
+        captions=captions,
     )
 
 

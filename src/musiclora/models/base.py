@@ -247,6 +247,10 @@ class ModelFamily(ABC):
     """Audio sample rate in Hz the family's encoder expects."""
     takes_steps: bool = False
     """Whether `generate` uses `GenerationRequest.steps` (diffusion families)."""
+    takes_melody: bool = False
+    """Whether `generate` conditions on `GenerationRequest.melody` as a melody to follow (MusicGen-Melody's
+    chroma), so an evaluation may pass the reference clip's own audio; False where `melody` is a
+    reference clip whose embedding would copy the target (AudioLDM) or is refused."""
 
     channels: int = 1
     """Audio channels the family's encoder takes and `generate` returns: 1 (mono `Segment.audio` and

@@ -133,6 +133,7 @@ class MusicgenMelodyFamily(ModelFamily):
         ],
     }
     sample_rate = 32_000
+    takes_melody = True
     licence_note = ("the adapter is a derivative of the base model: its licence terms apply "
                     "(facebook/musicgen-melody: CC-BY-NC-4.0 weights)")
 

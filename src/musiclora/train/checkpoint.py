@@ -48,8 +48,8 @@ class CheckpointError(ValueError):
 
 def new_state() -> dict[str, Any]:
     """The state of a run that has not taken a step."""
-    return {"format": FORMAT, "step": 0, "samples": 0, "losses": [], "val": [], "best": None, "bad_evals": 0,
-            "stopped_early": False, "data": None, "optimizer": None, "consumed": []}
+    return {"format": FORMAT, "step": 0, "samples": 0, "losses": [], "val": [], "val_base": None, "best": None,
+            "bad_evals": 0, "stopped_early": False, "data": None, "optimizer": None, "consumed": []}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

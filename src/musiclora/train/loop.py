@@ -1,7 +1,8 @@
 """`train_loop_per_worker`: what each Ray Train worker runs, top to bottom.
 
-load base -> LoRA -> resume from the last checkpoint -> deepspeed.initialize -> stream this
-rank's batches -> step -> (validate, early-stop) -> report -> checkpoint.
+load base -> LoRA -> resume from the last checkpoint -> deepspeed.initialize -> (validate the base:
+`val_base`) -> stream this rank's batches -> step -> (validate, early-stop) -> report -> checkpoint.
+Every report of a validating run carries the latest validation loss and its step (`latest_val`).
 
 Checkpoints are safetensors + JSON only and hold everything needed to continue identically
 (`checkpoint.py`): adapter, fp32 masters and AdamW moments, the step (= LR schedule position),
@@ -85,6 +86,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_batches = load_val_batches(ShardIndex(cfg.data.shards_url, "val", manifest), rank, world,
                                        cfg.data.batch_size, collate, cfg.data.val_batches)
 
+    if val_batches and state["step"] == 0 and state.get("val_base") is None:
+        # The base model's held-out loss (the adapter starts as the identity): the first value every report
+        # carries, so `val_loss` is in all of them (Tune's strict metric check); not a candidate for `best`.
+        state["val_base"] = validation_loss(engine, family, val_batches)
+
     # 4. The loop: one optimizer step per `grad_accum` micro-batches.
     window = {"t0": time.time(), "samples": 0, "tokens": 0, "wait": 0.0}
     while state["step"] < cfg.optim.max_steps and not state["stopped_early"]:
@@ -109,11 +115,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["losses"].append(sum(losses) / len(losses))
         metrics = {"step": state["step"], "loss": state["losses"][-1], "lr": optimizer.param_groups[0]["lr"]}
 
-        improved = False
-        if val_batches and state["step"] % cfg.run.eval_every == 0:
-            improved = _validate(engine, family, val_batches, cfg, state, metrics)
-            if improved:
-                best = ckpt.gather_lora(engine, family.lora_root(engine.module), cfg.deepspeed.zero_stage)
+        validated = bool(val_batches) and state["step"] % cfg.run.eval_every == 0
+        if validated and _validate(engine, family, val_batches, cfg, state, metrics):
+            best = ckpt.gather_lora(engine, family.lora_root(engine.module), cfg.deepspeed.zero_stage)
+        metrics.update(latest_val(state))
 
         done = state["step"] >= cfg.optim.max_steps or state["stopped_early"]
         if state["step"] % cfg.run.log_every == 0 or done:
@@ -126,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
         if state["step"] % cfg.run.checkpoint_every == 0 or done:
             _report_with_checkpoint(engine, cfg, family, rank, state, metrics, best)
-        elif state["step"] % cfg.run.log_every == 0:
+        elif state["step"] % cfg.run.log_every == 0 or validated:  # every validation reaches Tune (ASHA rungs)
             ray.train.report(metrics)
 
 
@@ -145,6 +150,26 @@ def train_step(engine, family, batch: dict[str, Any]) -> torch.Tensor:
     engine.backward(loss)
     engine.step()
     return loss
+
+
+def latest_val(state: dict[str, Any]) -> dict[str, float | int]:
+    """The latest validation loss and the step it was measured at, to carry in every report.
+
+    Args:
+        state: the run state (`checkpoint.new_state`): `val` holds [step, val_loss] pairs of the
+            `run.eval_every` passes, `val_base` the loss at step 0 (before any update).
+
+    Returns:
+        {"val_loss": nats, "val_step": step} of the latest pass ({} when the run does not validate).
+        Every trial of a search validates at step 0 and at the same multiples of `eval_every`, so
+        the values sit on the same step scale in every trial.
+    """
+    if state.get("val"):
+        step, val = state["val"][-1]
+        return {"val_loss": val, "val_step": step}
+    if state.get("val_base") is not None:
+        return {"val_loss": state["val_base"], "val_step": 0}
+    return {}
 
 
 def _validate(engine, family, val_batches, cfg: TrainConfig, state: dict, metrics: dict) -> bool:

@@ -188,7 +188,7 @@ def build_card(cfg: TrainConfig, checks: dict[str, Any], state: dict[str, Any]) 
             "steps": state["step"], "samples": state["samples"], "losses": losses,
             "first_loss_mean": sum(losses[:k]) / k, "last_loss_mean": sum(losses[-k:]) / k,
             "deepspeed": cfg.deepspeed.model_dump(), "num_workers": cfg.run.num_workers,
-            "val": state.get("val", []), "best": best, "stopped_early": state.get("stopped_early", False),
+            "val": state.get("val", []), "val_base": state.get("val_base"), "best": best, "stopped_early": state.get("stopped_early", False),
             "selected": "best-by-validation" if best else "last",
         },
     }

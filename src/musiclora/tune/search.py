@@ -3,7 +3,11 @@
 Each trial is a Tune function that launches its own `TorchTrainer` (the deprecated
 `Tuner(trainer)` pattern is not used) with `TuneReportCallback`, so every `ray.train.report`
 of the workers reaches Tune and ASHA can stop weak trials. The search space uses the same dotted
-keys as `key=value` overrides and is validated value by value before any trial starts. Curves go
+keys as `key=value` overrides and is validated value by value before any trial starts. The objective
+(`musiclora.tune.objective`) is the held-out validation loss by default: every trial validates at step 0
+and every `run.eval_every` steps, every report carries the latest value, and ASHA's rungs fall on
+validation steps; an optional audio objective (KAD of generated against validation audio, scored at
+the end of each finished trial) can pick the winner instead. Curves go
 to TensorBoard event files (Tune's TBX logger) and MLflow; the winner's adapter is published to
 the adapter registry and promoted. Re-running the same name and storage path restores the
 experiment (`Tuner.restore`) without re-running finished trials.
@@ -21,6 +25,7 @@ import yaml
 
 from musiclora.config import (
     ASHAConfig,
+    AudioObjective,
     ConfigError,
     TrainConfig,
     TuneConfig,
@@ -29,11 +34,23 @@ from musiclora.config import (
     validate_config,
 )
 from musiclora.models.families import get_family
+from musiclora.tune.objective import (
+    audio_score,
+    check_objective,
+    check_val_clips,
+    pick_best,
+    selection,
+    trial_metrics,
+)
 
 # The trial function only drives its TorchTrainer (whose workers reserve the CPUs/GPUs): it asks for
 # no CPU, so a trial fits where its workers fit, and a token of memory, since Tune refuses an empty
 # request.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+
+TRIAL_METRICS = ("step", "loss", "val_loss", "val_step", "last_val_loss", "val_base", "kad", "kad_embedder",
+                 "adapter_url", "last_loss_mean")
+"""The metrics of a trial's last report kept in its row of the search summary."""
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, dict[str, Any]]:
@@ -57,6 +74,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
         raise ConfigError(f"{path}: train_config {tune_cfg.train_config!r} cannot be read ({exc})") from None
     base = apply_overrides(base, parse_overrides(tune_cfg.train_overrides))
     validate_search_space(tune_cfg, base)
+    check_objective(tune_cfg, validate_config(base, TrainConfig, source="train_config"))
     return tune_cfg, base
 
 
@@ -99,8 +117,10 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str) 
     return validate_config(tree, TrainConfig, source=trial_name)
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str, worker_start_attempts: int) -> None:
-    """Tune function trainable: one TorchTrainer run, its reports forwarded to Tune.
+def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str, worker_start_attempts: int,
+           audio_objective: AudioObjective | None = None) -> None:
+    """Tune function trainable: one TorchTrainer run, its reports forwarded to Tune, then the trial's
+    final report (`objective.trial_metrics`, plus `kad` with an audio objective).
 
     A worker group that cannot get its resources fails the trial after `worker_start_attempts`
     tries (Ray Train's controller would otherwise retry forever); Tune reports it as errored.
@@ -113,9 +133,11 @@ def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str, worker_
     ctx = tune.get_context()
     cfg = trial_config(base, params, f"{tune_name}-{ctx.get_trial_id()}")
     summary = run_training(cfg, callbacks=[TuneReportCallback()], worker_start_attempts=worker_start_attempts)
-    tune.report({"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
-                 "loss": summary["losses"][-1], "last_loss_mean": summary["last_loss_mean"],
-                 **({"val_loss": summary["best"]["val_loss"]} if summary.get("best") else {})})
+    final = {"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
+             **trial_metrics(summary)}
+    if audio_objective is not None:
+        final.update(audio_score(summary["adapter_url"], cfg.data.shards_url, audio_objective))
+    tune.report(final)
 
 
 def trials_at_once(tune_cfg: TuneConfig, cfg: TrainConfig, resources: dict[str, float]) -> int:
@@ -173,15 +195,20 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from musiclora.storage import pyarrow_fs
-    from musiclora.train.trainer import preflight, worker_env
+    from musiclora.train.trainer import PreflightError, preflight, worker_env
 
     cfg = validate_config(base, TrainConfig)
-    preflight(cfg)  # shards, targets, storage: once, before any trial
+    checks = preflight(cfg)  # shards (a val split for val_loss), targets, storage: once, before any trial
+    try:
+        check_val_clips(tune_cfg, checks["manifest"])
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": worker_env(bool(base.get("run", {}).get("use_gpu")))})
     fs, path = pyarrow_fs(tune_cfg.storage_path)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, tune_name=tune_cfg.name,
-                                                         worker_start_attempts=tune_cfg.worker_start_attempts),
+                                                         worker_start_attempts=tune_cfg.worker_start_attempts,
+                                                         audio_objective=tune_cfg.audio_objective),
                                    TRIAL_RESOURCES)
     experiment = f"{path.rstrip('/')}/{tune_cfg.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
@@ -213,12 +240,13 @@ def run_tune(tune_cfg: TuneConfig, base: dict[str, Any]) -> dict[str, Any]:
     for t in trials:
         if t["status"] == "errored":
             print(f"[musiclora] trial {t['trial_id']} errored: ...{t['error'][-600:]}", flush=True)
-    finished = [t for t in trials if t["status"] == "finished" and t.get(tune_cfg.metric) is not None]
-    if not finished:
-        raise RuntimeError(f"tune {tune_cfg.name}: no trial finished with metric {tune_cfg.metric!r} "
+    metric, mode = selection(tune_cfg)
+    best = pick_best(trials, metric, mode)
+    if best is None:
+        raise RuntimeError(f"tune {tune_cfg.name}: no trial finished with metric {metric!r} "
                            f"({sum(t['status'] == 'errored' for t in trials)} of {len(trials)} errored)")
-    best = (min if tune_cfg.mode == "min" else max)(finished, key=lambda t: t[tune_cfg.metric])
-    return {"best": best, "trials": trials, "registry": _publish_best(tune_cfg, best)}
+    return {"best": best, "trials": trials, "metric": metric, "mode": mode,
+            "registry": _publish_best(tune_cfg, best, metric)}
 
 
 def _mlflow_callback(tune_cfg: TuneConfig):
@@ -238,7 +266,7 @@ def _trial_row(result) -> dict[str, Any]:
     """
     metrics = dict(result.metrics or {})
     row = {k: v for k, v in (result.config or {}).items() if "." in k}
-    row.update({k: metrics.get(k) for k in ("step", "loss", "val_loss", "adapter_url", "last_loss_mean")})
+    row.update({k: metrics.get(k) for k in TRIAL_METRICS})
     if result.error is not None:
         text = f"{type(result.error).__name__}: {result.error}"  # Ray's cause comes last, after tracebacks
         row["status"], row["error"] = "errored", text if len(text) <= 2000 else f"{text[:400]} ... {text[-1600:]}"
@@ -258,14 +286,15 @@ def _trial_id(result) -> str | None:
     return match.group(1) if match else None
 
 
-def _publish_best(tune_cfg: TuneConfig, best: dict[str, Any]) -> str:
+def _publish_best(tune_cfg: TuneConfig, best: dict[str, Any], metric: str) -> str:
     """Publish the winner's adapter as a new promoted version of `registry_name` (or the search's name)."""
     from musiclora.adapter_registry import Registry
 
     registry = Registry(tune_cfg.registry_url or os.environ.get("MUSICLORA_REGISTRY_URL"))
     card = {"tune": {"experiment": tune_cfg.name, "trial_id": best.get("trial_id"),
                      "trial_config": {k: v for k, v in best.items() if "." in k},
-                     "metric": tune_cfg.metric, "value": best[tune_cfg.metric]}}
+                     "metric": metric, "value": best[metric],
+                     **{k: best[k] for k in ("val_loss", "kad", "kad_embedder") if best.get(k) is not None}}}
     version = registry.publish(best["adapter_url"], tune_cfg.registry_name or tune_cfg.name, promote=True,
                                card_updates=card)
     return version.ref

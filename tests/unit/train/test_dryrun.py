@@ -66,6 +66,22 @@ def test_k8s_jobs_dry_run_with_their_overrides(job):
     assert report["ok"], report["problems"]
 
 
+@pytest.mark.parametrize("jobs", [k8s.JOBS, k8s.GPU_JOBS], ids=["base", "gpu"])
+def test_k8s_train_and_tune_jobs_read_the_shards_the_prepare_job_writes(jobs):
+    """A job set runs in one namespace: its train and tune jobs must find the prepare job's shards,
+    with the val split the tune objective needs."""
+    prepare = next(j for j in jobs if j.name == "prepare")
+    made = load_config(REPO / prepare.config, list(prepare.overrides), PrepareConfig)
+    assert made.val_fraction > 0, prepare.config
+    for job in jobs:
+        if job.name == "train":
+            cfg = load_config(REPO / job.config, list(job.overrides), TrainConfig)
+            assert cfg.data.shards_url == made.output_url, job.config
+        elif job.name == "tune":
+            _, base = load_tune_config(REPO / job.config, list(job.overrides))
+            assert base["data"]["shards_url"] == made.output_url, job.config
+
+
 def _write(tmp_path: Path, name: str, tree: dict) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(tree))

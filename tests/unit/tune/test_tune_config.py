@@ -6,7 +6,7 @@ import yaml
 from musiclora.config import ConfigError
 from musiclora.tune.search import load_tune_config, param_space, trial_config
 
-TRAIN = {"data": {"shards_url": "s3://b/s"}, "run": {"storage_path": "s3://b/r", "adapters_url": "s3://b/a"},
+TRAIN = {"data": {"shards_url": "s3://b/s"}, "run": {"storage_path": "s3://b/r", "adapters_url": "s3://b/a", "eval_every": 4},
          "model": {"base": "tiny"}}
 
 
