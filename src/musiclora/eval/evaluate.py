@@ -110,8 +110,9 @@ class EvalSettings(BaseModel):
 DEFAULT_SETTINGS = EvalSettings()
 
 
-def _codec_of(loaded: Loaded) -> nn.Module | None:
-    """The model's EnCodec (`audio_encoder` of MusicGen) when it has one."""
+def codec_of(loaded: Loaded) -> nn.Module | None:
+    """The model's EnCodec (`audio_encoder` of MusicGen) when it has one, else None (latent-diffusion
+    families keep their VAE elsewhere); with `codes_decoder` it turns stored codes back into audio."""
     codec = getattr(loaded.model, "audio_encoder", None)
     return codec if codec is not None and hasattr(codec, "encoder") else None
 
@@ -332,7 +333,7 @@ def build_evaluator(
         ValueError / FileNotFoundError: as `load_reference`, `build_embedders`, `plan_embedders`,
             `load_clap_bundle`, `check_prompts`.
     """
-    codec = _codec_of(loaded)
+    codec = codec_of(loaded)
     names, left_out = plan_embedders(settings.embedders, settings.clap is not None, codec is not None)
     if not isinstance(reference, ReferenceSet):
         reference = load_reference(

@@ -154,11 +154,11 @@ def audio_score(adapter_url: str, shards_url: str, objective: AudioObjective) ->
         ValueError: fewer than 2 usable validation clips, an unknown embedder (named).
     """
     from musiclora.adapters import load_for_inference
-    from musiclora.eval.evaluate import EvalSettings, _codec_of, build_evaluator, codes_decoder
+    from musiclora.eval.evaluate import EvalSettings, build_evaluator, codec_of, codes_decoder
     from musiclora.eval.inputs import load_reference
 
     family, loaded = load_for_inference(adapter_url)
-    codec = _codec_of(loaded)
+    codec = codec_of(loaded)
     reference = load_reference(shards_url, family.sample_rate, objective.duration_s, objective.num_clips, "val",
                                decode_codes=codes_decoder(codec) if codec is not None else None)
     settings = EvalSettings(clap=objective.clap, embedders=(objective.embedder,),
