@@ -54,6 +54,8 @@ def evaluate(
     music: bool = typer.Option(
         True, help="compute harmonic accuracy, melodic complexity, rhythmic inconsistency"
     ),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N [default: cuda when visible, else cpu]"),
+    dtype: str = typer.Option(None, help="float32, float16 or bfloat16 [default: bfloat16 on a GPU, else float32]"),
 ) -> None:
     """Generate with the base and the adapter on the same prompts and seeds; score; write the report."""
     from musiclora.audio import AudioDecodeError
@@ -62,12 +64,12 @@ def evaluate(
     from musiclora.storage import StorageError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    settings = EvalSettings(
-        base=base, family=family, clap=clap, embedders=_embedder_list(embedders), duration_s=duration_s,
-        guidance_scale=guidance_scale, max_reference_clips=max_reference_clips, reference_split=reference_split,
-        music=music,
-    )
-    try:
+    try:  # a bad --dtype is a pydantic ValidationError, a ValueError
+        settings = EvalSettings(
+            base=base, family=family, clap=clap, embedders=_embedder_list(embedders), duration_s=duration_s,
+            guidance_scale=guidance_scale, max_reference_clips=max_reference_clips,
+            reference_split=reference_split, music=music, device=device, dtype=dtype,
+        )
         result = run_evaluate(adapter, prompts, reference, out, settings)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, AudioDecodeError, StorageError) as exc:
         fail(exc)

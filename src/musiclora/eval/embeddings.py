@@ -217,13 +217,13 @@ class EncodecEmbedder:
 
     def frame_latents(self, wav: np.ndarray) -> torch.Tensor:
         """One clip [L] at `sample_rate` -> float32 latents [T, D] (T ~ L / hop, hop 640 at 32 kHz)."""
-        dtype = next(self.codec.parameters()).dtype
+        param = next(self.codec.parameters())  # the base's codec may sit on a GPU, in bf16
         x = torch.from_numpy(wav)[None, None].repeat(1, self.channels, 1)
         if self.normalize:
             x = x / (x.mean(dim=1, keepdim=True).pow(2).mean(dim=-1, keepdim=True).sqrt() + 1e-8)
         with torch.inference_mode():
-            latents = self.codec.encoder(x.to(dtype))  # [1, D, T]
-        return latents[0].float().T
+            latents = self.codec.encoder(x.to(param.device, param.dtype))  # [1, D, T]
+        return latents[0].float().cpu().T
 
     def __call__(self, wavs: list[np.ndarray]) -> np.ndarray:
         """Embed clips at `sample_rate`: float32 [N, 2D]. Raises ValueError on empty or non-mono input.

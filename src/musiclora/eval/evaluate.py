@@ -52,7 +52,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,6 +89,11 @@ class EvalSettings(BaseModel):
         max_reference_clips: cap on reference clips.
         reference_split: shards split (None: "val" if present, else "train").
         music: compute harmonic accuracy, melodic complexity, rhythmic inconsistency (the slowest part).
+        device: where the model generates (cpu, cuda, cuda:N); None: cuda when visible, else cpu
+            (`musiclora.generate.resolve_device`, the rule of `musiclora generate`).
+        dtype: the model's parameter dtype (float32, float16, bfloat16); None: bfloat16 on a GPU,
+            float32 on the CPU. The `encodec` embedder runs where the base's codec is,
+            the others on the CPU.
 
     Raises:
         pydantic.ValidationError: a field out of range or unknown (names it).
@@ -105,6 +110,21 @@ class EvalSettings(BaseModel):
     max_reference_clips: int = Field(32, ge=2)
     reference_split: str | None = None
     music: bool = True
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+def model_placement(settings: EvalSettings) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) the evaluated model is loaded with (see `EvalSettings.device` / `dtype`).
+
+    Raises:
+        ValueError: a device this machine does not have (names it).
+    """
+    from musiclora.generate import parse_dtype, resolve_device
+
+    device = resolve_device(settings.device)
+    name = settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, parse_dtype(name)
 
 
 DEFAULT_SETTINGS = EvalSettings()
@@ -121,10 +141,11 @@ def codes_decoder(codec: nn.Module):
     """Function int codes [K, T] -> float32 mono audio [L] through `codec` (a transformers EncodecModel)."""
 
     def decode(codes: np.ndarray) -> np.ndarray:
-        c = torch.as_tensor(np.asarray(codes, dtype=np.int64))[None, None]  # [1 chunk, 1, K, T]
+        device = next(codec.parameters()).device  # the codec's device (a model evaluated on a GPU)
+        c = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=device)[None, None]  # [1 chunk, 1, K, T]
         with torch.inference_mode():
             audio = codec.decode(c, [None]).audio_values  # [1, C, L]
-        return audio[0].float().mean(dim=0).numpy()
+        return audio[0].float().mean(dim=0).cpu().numpy()
 
     return decode
 
@@ -413,7 +434,8 @@ def _load_with_adapter(adapter: str, settings: EvalSettings):
     """(family, `Loaded` with the adapter attached to the family's LoRA root, facts for the report)."""
     from musiclora.adapters import load_for_inference
 
-    fam, loaded = load_for_inference(adapter, settings.base, settings.family)
+    device, dtype = model_placement(settings)
+    fam, loaded = load_for_inference(adapter, settings.base, settings.family, dtype=dtype, device=device)
     return fam, loaded, {"adapter": adapter, "base": loaded.base, "family": loaded.family}
 
 

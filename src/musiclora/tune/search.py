@@ -35,10 +35,10 @@ from musiclora.config import (
 )
 from musiclora.models.families import get_family
 from musiclora.tune.objective import (
-    audio_score,
     check_objective,
     check_val_clips,
     pick_best,
+    score_trial_audio,
     selection,
     trial_metrics,
 )
@@ -136,7 +136,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], tune_name: str, worker_
     final = {"step": summary["steps"], "adapter_url": summary["adapter_url"], "done_training": 1,
              **trial_metrics(summary)}
     if audio_objective is not None:
-        final.update(audio_score(summary["adapter_url"], cfg.data.shards_url, audio_objective))
+        final.update(score_trial_audio(cfg, summary["adapter_url"], audio_objective))
     tune.report(final)
 
 

@@ -45,6 +45,15 @@ def test_missing_adapter_is_a_one_line_error(tmp_path):
     assert "no adapter folder at" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("option, value, match", [("--dtype", "float8", "dtype"),
+                                                  ("--device", "tpu", "device 'tpu': expected cpu, cuda")])
+def test_bad_device_or_dtype_is_a_one_line_error(tmp_path, tiny_musicgen_dir, option, value, match):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    result = runner.invoke(app, ["evaluate", "--adapter", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"),
+                                 "--reference", str(tmp_path), "--base", str(tiny_musicgen_dir), option, value])
+    assert result.exit_code == 2 and match in result.output and "Traceback" not in result.output
+
+
 def test_evaluate_command_writes_the_report(tiny_musicgen_dir, tmp_path):
     family = get_family("musicgen-melody")
     model = apply_lora(family.load(tiny_musicgen_dir).model, family, AdapterConfig())

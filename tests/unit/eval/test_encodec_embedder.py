@@ -97,3 +97,33 @@ def test_a_codec_folder_loads_through_from_pretrained_and_a_tiny_one_is_labelled
     }
     real = EncodecEmbedder(codec, source="facebook/encodec_32khz", random_weights=False)
     assert describe_embedder(real)["label"] == "encodec (facebook/encodec_32khz)"
+
+
+class _Seen(Exception):
+    """Raised by a forward pre-hook once it has seen the device of the codec's input."""
+
+
+@pytest.mark.parametrize("use", ["embedder", "codes_decoder"])
+def test_codec_inputs_go_to_the_codecs_device(use):
+    """A base evaluated on a GPU keeps its codec there: the embedder and the reference decoder move
+    their inputs to it (the `meta` device stands in: a CPU tensor left behind would not be on it)."""
+    from musiclora.eval.evaluate import codes_decoder
+    from musiclora.models.musicgen import build_tiny_musicgen_melody
+
+    meta_codec = build_tiny_musicgen_melody(seed=0)[0].audio_encoder.to("meta")
+    seen = []
+
+    def hook(_module, args):
+        seen.append(args[0].device.type)
+        raise _Seen
+
+    if use == "embedder":
+        meta_codec.encoder.register_forward_pre_hook(hook)
+        call = lambda: EncodecEmbedder(meta_codec)([_tone(220)])  # noqa: E731
+    else:
+        meta_codec.quantizer.decode = lambda codes: hook(None, (codes,))  # the first to see the codes
+        codes = np.zeros((len(meta_codec.quantizer.layers), 8), np.int64)  # [K, T]
+        call = lambda: codes_decoder(meta_codec)(codes)  # noqa: E731
+    with pytest.raises(_Seen):
+        call()
+    assert seen == ["meta"]

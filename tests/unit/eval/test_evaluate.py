@@ -251,3 +251,18 @@ def test_codes_decoder_turns_shard_codes_back_into_audio():
     audio = codes_decoder(codec)(codes.numpy().astype(np.int16))
     assert audio.dtype == np.float32 and audio.shape == (codes.shape[-1] * 640,)
     np.testing.assert_allclose(audio, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_model_placement_follows_the_device_rule():
+    import torch
+
+    from musiclora.eval.evaluate import EvalSettings, model_placement
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    device, dtype = model_placement(EvalSettings())
+    assert device.type == expected and dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
+    assert model_placement(EvalSettings(device="cpu", dtype="bfloat16")) == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"device 'cuda:7': this machine has \d+ CUDA device"):
+        model_placement(EvalSettings(device="cuda:7"))
+    with pytest.raises(ValueError, match="dtype"):
+        EvalSettings(dtype="float8")

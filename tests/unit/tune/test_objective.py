@@ -207,3 +207,11 @@ def test_audio_objective_needs_two_validation_samples():
     with pytest.raises(ValueError, match="'val' split has 1 sample"):
         check_val_clips(cfg, {"num_samples": {"train": 8, "val": 1}})
     check_val_clips(TuneConfig.model_validate({"train_config": "t", "search_space": {}}), {"num_samples": {}})
+
+
+def test_audio_objective_of_a_gpu_search_runs_on_a_gpu():
+    """The trial function reserves no CPU or GPU: a GPU search scores its audio in a task holding one."""
+    from musiclora.tune.objective import audio_task_resources
+
+    cfg = TrainConfig.model_validate({**TRAIN, "run": {**TRAIN["run"], "use_gpu": True, "cpus_per_worker": 4}})
+    assert audio_task_resources(cfg) == {"num_gpus": 1, "num_cpus": 4}
