@@ -179,7 +179,9 @@ def style_data(
     return data
 
 
-def encode(family, loaded, segments: list[Segment], batch: int = 8, codes: torch.Tensor | None = None) -> list[dict[str, Any]]:
+def encode(
+    family, loaded, segments: list[Segment], batch: int = 8, codes: torch.Tensor | None = None
+) -> list[dict[str, Any]]:
     """Family features of segments as decoded shard samples (what `family.collate` takes).
 
     Args:
@@ -205,8 +207,17 @@ def encode(family, loaded, segments: list[Segment], batch: int = 8, codes: torch
 
 
 def train(
-    model, family, loaded, samples, steps: int, lr: float, batch_size: int, seed: int,
-    probe=None, points: int = 0, curve: list | None = None,
+    model,
+    family,
+    loaded,
+    samples,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    probe=None,
+    points: int = 0,
+    curve: list | None = None,
 ) -> list[float]:
     """AdamW (weight decay 0.01), linear warm-up (5 % of steps) then cosine decay, on the trainable parameters.
 
@@ -256,8 +267,6 @@ def heldout_loss(model, family, loaded, samples, batch_size: int = 8) -> float:
     return total / count
 
 
-
-
 def _log(msg: str, t0: float) -> None:
     print(f"[adaptation {time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
@@ -293,25 +302,36 @@ def prepare_data(s: AdaptationSettings, rows: dict[str, list[dict[str, Any]]], f
     loaded = family.load("tiny")
     codec = loaded.model.audio_encoder
     frames, stats = fit_mel_codec(
-        codec, torch.cat([_clips(base.train), _clips(target.train)]),
-        entries=s.codec_entries, decoder_steps=s.codec_steps, seed=s.seeds[0],
+        codec,
+        torch.cat([_clips(base.train), _clips(target.train)]),
+        entries=s.codec_entries,
+        decoder_steps=s.codec_steps,
+        seed=s.seeds[0],
     )
     sets = {}
     for name, data in (("base", base), ("target", target)):
         for split in ("train", "heldout"):
             segs = getattr(data, split)
-            sets[f"{name}_{split}"] = encode(family, loaded, segs, codes=mel_codes(codec, frames, _clips(segs)))
+            sets[f"{name}_{split}"] = encode(
+                family, loaded, segs, codes=mel_codes(codec, frames, _clips(segs))
+            )
     held = target.heldout
     picks = sorted({int(i) for i in np.linspace(0, len(held) - 1, min(s.eval_prompts, len(held))).round()})
     n = round(s.eval_duration_s * family.sample_rate)
     return StudyData(
-        base, target, {k: v.clone() for k, v in codec.state_dict().items()}, stats, sets,
-        prompts=[held[i] for i in picks], reference=[seg.audio[:n] for seg in held],
+        base,
+        target,
+        {k: v.clone() for k, v in codec.state_dict().items()},
+        stats,
+        sets,
+        prompts=[held[i] for i in picks],
+        reference=[seg.audio[:n] for seg in held],
     )
 
 
-def generated_kad(family, model, tokenizer, data: StudyData, embedder, ref_emb: np.ndarray,
-                  s: AdaptationSettings, seed: int) -> float:
+def generated_kad(
+    family, model, tokenizer, data: StudyData, embedder, ref_emb: np.ndarray, s: AdaptationSettings, seed: int
+) -> float:
     """KAD between the held-out target segments and one clip generated per prompt (caption + melody).
 
     Returns:
@@ -324,21 +344,26 @@ def generated_kad(family, model, tokenizer, data: StudyData, embedder, ref_emb: 
     from musiclora.eval.metrics import kad
 
     requests = [
-        GenerationRequest(seg.caption, s.eval_duration_s, s.guidance_scale, seed * 1000 + j,
-                          melody=seg.audio[: round(s.eval_duration_s * family.sample_rate)],
-                          melody_sample_rate=family.sample_rate)
+        GenerationRequest(
+            seg.caption,
+            s.eval_duration_s,
+            s.guidance_scale,
+            seed * 1000 + j,
+            melody=seg.audio[: round(s.eval_duration_s * family.sample_rate)],
+            melody_sample_rate=family.sample_rate,
+        )
         for j, seg in enumerate(data.prompts)
     ]
-    clips = []
-    for out in family.generate_batch(model, tokenizer, requests):
-        if isinstance(out, Exception):
-            raise RuntimeError(f"generation failed: {out}") from out
-        clips.append(resample(out[0], out[1], embedder.sample_rate))
-    return kad(ref_emb, embedder(clips))
+    results = family.generate_batch(model, tokenizer, requests)
+    failed = [out for out in results if isinstance(out, Exception)]
+    if failed:
+        raise RuntimeError(f"generation failed: {failed[0]}") from failed[0]
+    return kad(ref_emb, embedder([resample(audio, sr, embedder.sample_rate) for audio, sr in results]))
 
 
-def run_seed(seed: int, s: AdaptationSettings, family, data: StudyData, embedder, ref_emb, work: Path,
-             t_all: float) -> dict[str, Any]:
+def run_seed(
+    seed: int, s: AdaptationSettings, family, data: StudyData, embedder, ref_emb, work: Path, t_all: float
+) -> dict[str, Any]:
     """One seed: a fresh tiny LM (built with `seed`), its base training, then LoRA and full fine-tuning.
 
     Returns:
@@ -360,8 +385,19 @@ def run_seed(seed: int, s: AdaptationSettings, family, data: StudyData, embedder
     def stage(m, name, split, steps, lr, offset):
         torch.manual_seed(seed * 7919 + offset)  # condition dropout draws
         curve, t0 = [], time.perf_counter()
-        losses = train(m, family, loaded, sets[f"{split}_train"], steps, lr, bs, seed * 7919 + offset,
-                       probe=lambda: held(m, split), points=s.curve_points, curve=curve)
+        losses = train(
+            m,
+            family,
+            loaded,
+            sets[f"{split}_train"],
+            steps,
+            lr,
+            bs,
+            seed * 7919 + offset,
+            probe=lambda: held(m, split),
+            points=s.curve_points,
+            curve=curve,
+        )
         timings[f"{name}_train_s"] = time.perf_counter() - t0
         _log(f"seed {seed}: {name} trained, {steps} steps in {timings[name + '_train_s']:.0f} s", t_all)
         return curve, [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
@@ -391,14 +427,18 @@ def run_seed(seed: int, s: AdaptationSettings, family, data: StudyData, embedder
     kads["lora"] = generated_kad(family, model, loaded.tokenizer, data, embedder, ref_emb, s, seed)
     _log(f"seed {seed}: held-out loss {loss}, KAD {kads}", t_all)
     return {
-        "heldout_loss": loss, "kad": kads, "curves": curves, "train_loss": train_loss,
+        "heldout_loss": loss,
+        "kad": kads,
+        "curves": curves,
+        "train_loss": train_loss,
         "parameters": {"lm": lm_params, "lora": lora_params["trainable"], "total": lora_params["total"]},
         "timings_s": timings,
     }
 
 
-def run_adaptation(s: AdaptationSettings, out_dir: str | Path, rows: dict[str, list[dict[str, Any]]] | None = None
-                   ) -> dict[str, Any]:
+def run_adaptation(
+    s: AdaptationSettings, out_dir: str | Path, rows: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """Run the study for every seed; write adaptation_table.md, adaptation.json and loss_curves.png.
 
     Progress goes to stderr.
@@ -437,7 +477,9 @@ def run_adaptation(s: AdaptationSettings, out_dir: str | Path, rows: dict[str, l
 
     ref_emb = embedder([resample(w, family.sample_rate, embedder.sample_rate) for w in data.reference])
     with tempfile.TemporaryDirectory() as tmp:
-        seeds = {seed: run_seed(seed, s, family, data, embedder, ref_emb, Path(tmp), t_all) for seed in s.seeds}
+        seeds = {
+            seed: run_seed(seed, s, family, data, embedder, ref_emb, Path(tmp), t_all) for seed in s.seeds
+        }
     timings["total_s"] = time.perf_counter() - t_all
     timings["cpu_s"] = time.process_time() - cpu0
     result = {

@@ -370,12 +370,19 @@ class MelFrames:
 @torch.no_grad()
 def mel_codes(codec: nn.Module, frames: MelFrames, wavs: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Codes of clips [N, L] through `frames` and the codec's quantiser: int64 [N, K, T]."""
-    out = [codec.quantizer.encode(frames(wavs[i : i + batch])).transpose(0, 1) for i in range(0, len(wavs), batch)]
+    out = [
+        codec.quantizer.encode(frames(wavs[i : i + batch])).transpose(0, 1)
+        for i in range(0, len(wavs), batch)
+    ]
     return torch.cat(out)
 
 
 def fit_mel_codec(
-    codec: nn.Module, wavs: torch.Tensor, entries: int = 256, decoder_steps: int = 100, seed: int = 0,
+    codec: nn.Module,
+    wavs: torch.Tensor,
+    entries: int = 256,
+    decoder_steps: int = 100,
+    seed: int = 0,
     init_clips: int = 8,
 ) -> tuple[MelFrames, dict]:
     """Codec for the study: `MelFrames` as the encoder, k-means codebooks on them, the decoder fitted.
@@ -391,7 +398,7 @@ def fit_mel_codec(
 
     Returns:
         (the fitted `MelFrames`, {"frames", "entries", "relative_residual", "variance_kept",
-        "lag1_autocorrelation" (of the latents, mean over dimensions), "decoder_loss_first",
+        "lag1_autocorrelation" (of the latents, pooled over dimensions), "decoder_loss_first",
         "decoder_loss_last"}).
     """
     rate = int(codec.config.sampling_rate)
@@ -401,7 +408,7 @@ def fit_mel_codec(
     kept = frames.fit(wavs)
     z = frames(wavs)
     zc = z - z.mean(dim=(0, 2), keepdim=True)
-    lag1 = float(((zc[..., 1:] * zc[..., :-1]).mean(dim=(0, 2)) / zc.pow(2).mean(dim=(0, 2))).mean())
+    lag1 = float((zc[..., 1:] * zc[..., :-1]).mean() / zc.pow(2).mean())
     stats = fit_codebooks_to_latents(codec, z, entries=entries, seed=seed)
     codes = mel_codes(codec, frames, wavs)
     with torch.no_grad():
@@ -409,7 +416,9 @@ def fit_mel_codec(
     data_init(codec.decoder, latents, out_std=float(wavs.std()))
     curve = fit_decoder(codec, wavs, steps=decoder_steps, crop_s=0.5, seed=seed, codes=codes)
     stats.update(
-        variance_kept=kept, lag1_autocorrelation=lag1,
-        decoder_loss_first=float(np.mean(curve[:10])), decoder_loss_last=float(np.mean(curve[-10:])),
+        variance_kept=kept,
+        lag1_autocorrelation=lag1,
+        decoder_loss_first=float(np.mean(curve[:10])),
+        decoder_loss_last=float(np.mean(curve[-10:])),
     )
     return frames, stats
