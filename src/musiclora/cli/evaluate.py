@@ -95,23 +95,31 @@ def evaluate(
 def adaptation_table(
     out: Path = typer.Option(Path(".musiclora/outputs/adaptation"), help="output folder"),
     cache_dir: Path = typer.Option(Path(".musiclora/cache/corpus"), help="corpus cache"),
-    base_steps: int = typer.Option(None, min=1, help="full fine-tuning steps of the base"),
+    base_steps: int = typer.Option(None, min=1, help="training steps of the base LM"),
     lora_steps: int = typer.Option(None, min=1, help="LoRA steps on the target style"),
+    full_steps: int = typer.Option(None, min=1, help="full fine-tuning steps on the target style"),
     base_tracks: int = typer.Option(None, min=2, help="base-style tracks used"),
-    eval_prompts: int = typer.Option(None, min=2, help="evaluation prompts"),
+    eval_prompts: int = typer.Option(None, min=2, help="generated clips per model for KAD"),
     preset: str = typer.Option(None, help="LoRA preset: attn, attn+ffn, attn+cond"),
+    seeds: str = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
 ) -> None:
-    """Tiny base on one style of the real corpus, LoRA to a held-out style: held-out loss and metrics (Markdown)."""
+    """Tiny base learns one style of the real corpus; LoRA and full fine-tuning adapt it to a held-out style."""
     from musiclora.studies.adaptation import AdaptationSettings, run_adaptation
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = {
         "base_steps": base_steps,
         "lora_steps": lora_steps,
+        "full_steps": full_steps,
         "base_tracks": base_tracks,
         "eval_prompts": eval_prompts,
         "preset": preset,
     }
+    if seeds is not None:
+        try:
+            given["seeds"] = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            fail(ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {seeds!r}"))
     settings = AdaptationSettings(
         cache_dir=str(cache_dir), **{k: v for k, v in given.items() if v is not None}
     )
@@ -121,6 +129,5 @@ def adaptation_table(
         fail(exc)
     print(result["markdown"])
     console.print(
-        f"written: {out / 'adaptation_table.md'}, {out / 'adaptation.json'}, {out / 'report/report.html'}"
+        f"written: {out / 'adaptation_table.md'}, {out / 'adaptation.json'}, {out / 'loss_curves.png'}"
     )
-

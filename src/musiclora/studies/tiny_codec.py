@@ -165,7 +165,14 @@ def fit_codebooks(
     Raises:
         ValueError: `entries` exceeds the codebook size or the number of latent frames.
     """
-    z = _latents(codec, wavs)
+    return fit_codebooks_to_latents(codec, _latents(codec, wavs), entries, iters, seed)
+
+
+@torch.no_grad()
+def fit_codebooks_to_latents(
+    codec: nn.Module, z: torch.Tensor, entries: int = 256, iters: int = 20, seed: int = 0
+) -> dict:
+    """`fit_codebooks` on given latents z, float32 [N, D, T] (D = the codebook dimension)."""
     points = z.permute(0, 2, 1).reshape(-1, z.shape[1]).float()
     size = codec.quantizer.layers[0].codebook.embed.shape[0]
     if not 0 < entries <= size:
@@ -217,6 +224,7 @@ def fit_decoder(
     crop_s: float = 1.0,
     lr: float = 3e-3,
     seed: int = 0,
+    codes: torch.Tensor | None = None,
 ) -> list[float]:
     """Train the codec's decoder to reconstruct `wavs` from their quantised latents; the encoder stays fixed.
 
@@ -228,6 +236,7 @@ def fit_decoder(
         crop_s: crop length in seconds (a multiple of the codec hop is used).
         lr: Adam learning rate.
         seed: seed of the crop sampler.
+        codes: int64 codes of `wavs`, [N, K, T]; None: the codec's own encoding of `wavs`.
 
     Returns:
         The loss per step (multi-resolution log-mel L1 + waveform L1).
@@ -236,9 +245,10 @@ def fit_decoder(
     hop = int(np.prod(codec.config.upsampling_ratios))
     crop = max(hop, int(crop_s * rate) // hop * hop)
     with torch.no_grad():
-        codes = torch.cat(
-            [codec.encode(wavs[i : i + 16, None]).audio_codes[0] for i in range(0, wavs.shape[0], 16)]
-        )
+        if codes is None:
+            codes = torch.cat(
+                [codec.encode(wavs[i : i + 16, None]).audio_codes[0] for i in range(0, wavs.shape[0], 16)]
+            )
         quantized = codec.quantizer.decode(codes.transpose(0, 1))  # [N, D, T]
     loss_fn = MelLoss(rate)
     for p in codec.parameters():
@@ -301,3 +311,114 @@ def fit_tiny_codec(
     curve = fit_decoder(codec, wavs, steps=decoder_steps, crop_s=0.5, seed=seed)
     stats.update(decoder_loss_first=float(np.mean(curve[:10])), decoder_loss_last=float(np.mean(curve[-10:])))
     return stats
+
+
+class MelFrames:
+    """Log-mel frames projected on their principal components: the study's stand-in for a trained encoder.
+
+    A random EnCodec encoder is no feature extractor: its latents are white from one 20 ms frame to
+    the next (lag-1 autocorrelation about 0.1 on the corpus), so their codes hold no music for a
+    language model to learn. A trained EnCodec's latents change slowly, with the sound. These
+    frames do: one log-mel spectrum per codec frame (hop = the codec's hop, 50 Hz), centred, projected
+    on its first D principal components (fitted on training audio) and scaled by one global factor
+    so that a frame's mean norm is sqrt(D). The codec's quantiser and decoder work on them unchanged.
+
+    Args:
+        sample_rate: Hz of the clips (the codec's rate).
+        hop: samples per codec frame.
+        dim: D, the codebook dimension.
+        n_mels / n_fft: mel bands and FFT size of the log-mel.
+    """
+
+    def __init__(self, sample_rate: int, hop: int, dim: int, n_mels: int = 64, n_fft: int = 2048):
+        import librosa
+
+        self.sample_rate, self.hop, self.dim, self.n_fft = sample_rate, hop, dim, n_fft
+        self.mel = torch.from_numpy(librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)).float()
+        self.window = torch.hann_window(n_fft)
+        self.mean: torch.Tensor | None = None  # [F]
+        self.basis: torch.Tensor | None = None  # [D, F], scaled
+
+    @torch.no_grad()
+    def log_mel(self, wavs: torch.Tensor) -> torch.Tensor:
+        """float32 clips [N, L] -> log-mel [N, F, T], T = L // hop, frame t centred on sample t * hop + hop / 2."""
+        frames = wavs.shape[-1] // self.hop
+        x = torch.nn.functional.pad(wavs, (self.hop // 2, 0))
+        spec = torch.stft(x, self.n_fft, self.hop, window=self.window, return_complex=True).abs().pow(2)
+        return torch.log(self.mel @ spec[..., :frames] + 1e-5)
+
+    @torch.no_grad()
+    def fit(self, wavs: torch.Tensor) -> float:
+        """Fit mean and principal components on clips [N, L]; returns the share of variance kept."""
+        m = self.log_mel(wavs)
+        flat = m.permute(0, 2, 1).reshape(-1, m.shape[1])
+        self.mean = flat.mean(dim=0)
+        _, s, vt = torch.linalg.svd(flat - self.mean, full_matrices=False)
+        basis = vt[: self.dim]
+        scale = float(((flat - self.mean) @ basis.T).norm(dim=1).mean()) / self.dim**0.5
+        self.basis = basis / scale
+        return float((s[: self.dim] ** 2).sum() / (s**2).sum())
+
+    @torch.no_grad()
+    def __call__(self, wavs: torch.Tensor) -> torch.Tensor:
+        """float32 clips [N, L] -> latents [N, D, T]. Raises RuntimeError before `fit`."""
+        if self.basis is None:
+            raise RuntimeError("MelFrames: call fit() first")
+        return torch.einsum("df,nft->ndt", self.basis, self.log_mel(wavs) - self.mean[None, :, None])
+
+
+@torch.no_grad()
+def mel_codes(codec: nn.Module, frames: MelFrames, wavs: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Codes of clips [N, L] through `frames` and the codec's quantiser: int64 [N, K, T]."""
+    out = [
+        codec.quantizer.encode(frames(wavs[i : i + batch])).transpose(0, 1)
+        for i in range(0, len(wavs), batch)
+    ]
+    return torch.cat(out)
+
+
+def fit_mel_codec(
+    codec: nn.Module,
+    wavs: torch.Tensor,
+    entries: int = 256,
+    decoder_steps: int = 100,
+    seed: int = 0,
+    init_clips: int = 8,
+) -> tuple[MelFrames, dict]:
+    """Codec for the study: `MelFrames` as the encoder, k-means codebooks on them, the decoder fitted.
+
+    Args:
+        codec: the tiny preset's transformers `EncodecModel` (codebooks and decoder changed in place;
+            its own encoder is not used by the returned `MelFrames`).
+        wavs: float32 mono training clips at the codec's rate, [N, L].
+        entries: k-means centroids per quantiser level.
+        decoder_steps: `fit_decoder` steps (batch 8, 0.5 s crops).
+        seed: seed of k-means and of the crop sampler.
+        init_clips: clips for the decoder's data-dependent init.
+
+    Returns:
+        (the fitted `MelFrames`, {"frames", "entries", "relative_residual", "variance_kept",
+        "lag1_autocorrelation" (of the latents, pooled over dimensions), "decoder_loss_first",
+        "decoder_loss_last"}).
+    """
+    rate = int(codec.config.sampling_rate)
+    hop = int(np.prod(codec.config.upsampling_ratios))
+    dim = int(codec.quantizer.layers[0].codebook.embed.shape[1])
+    frames = MelFrames(rate, hop, dim)
+    kept = frames.fit(wavs)
+    z = frames(wavs)
+    zc = z - z.mean(dim=(0, 2), keepdim=True)
+    lag1 = float((zc[..., 1:] * zc[..., :-1]).mean() / zc.pow(2).mean())
+    stats = fit_codebooks_to_latents(codec, z, entries=entries, seed=seed)
+    codes = mel_codes(codec, frames, wavs)
+    with torch.no_grad():
+        latents = codec.quantizer.decode(codes[:init_clips].transpose(0, 1))
+    data_init(codec.decoder, latents, out_std=float(wavs.std()))
+    curve = fit_decoder(codec, wavs, steps=decoder_steps, crop_s=0.5, seed=seed, codes=codes)
+    stats.update(
+        variance_kept=kept,
+        lag1_autocorrelation=lag1,
+        decoder_loss_first=float(np.mean(curve[:10])),
+        decoder_loss_last=float(np.mean(curve[-10:])),
+    )
+    return frames, stats

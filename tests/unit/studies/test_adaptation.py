@@ -1,5 +1,7 @@
 """Pieces of the adaptation table: track-level split, segments, the plain torch training loop."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -52,3 +54,84 @@ def test_training_loop_lowers_the_loss_it_trains_on(tmp_path):
     after = heldout_loss(loaded.model, family, loaded, samples, batch_size=2)
     assert len(losses) == 12 and after < before - 0.1
     assert not loaded.model.training
+
+
+def test_smoke_study_writes_table_with_seeds_and_targets(tmp_path):
+    """A reduced run of the whole study on synthetic tones: every row, both targets stated, spreads over 2 seeds."""
+    from musiclora.studies.adaptation import run_adaptation
+
+    rows = {
+        "low": [_track(tmp_path / f"l{i}.wav", 150 + 20 * i, seconds=2.0) for i in range(4)],
+        "high": [_track(tmp_path / f"h{i}.wav", 1500 + 200 * i, seconds=2.0) for i in range(4)],
+    }
+    s = AdaptationSettings(
+        base_package="low",
+        target_package="high",
+        heldout_every=2,
+        segment_s=1.0,
+        segments_per_track=2,
+        max_track_s=2.0,
+        codec_entries=8,
+        codec_steps=2,
+        base_steps=4,
+        full_steps=2,
+        lora_steps=2,
+        batch_size=2,
+        curve_points=2,
+        eval_prompts=2,
+        eval_duration_s=0.5,
+        seeds=(0, 1),
+    )
+    result = run_adaptation(s, tmp_path / "out", rows=rows)
+    md = (tmp_path / "out" / "adaptation_table.md").read_text()
+    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 0
+    assert "Seeds 0, 1" in md and "base + full fine-tuning on high" in md and "base + LoRA" in md
+    assert "LoRA closes >= 50 %" in md and "LoRA lowers KAD" in md and " ± " in md
+    assert ("**NOT MET**" in md) == (
+        not result["targets"]["gap"]["met"] or not result["targets"]["kad"]["met"]
+    )
+    for seed in (0, 1):
+        run = result["seeds"][seed]
+        assert set(run["heldout_loss"]) == {"init", "base", "lora", "full"}
+        assert len(run["curves"]["base"]) == 2 and run["parameters"]["lora"] < run["parameters"]["lm"]
+    init = [result["seeds"][k]["heldout_loss"]["init"]["base"] for k in (0, 1)]
+    assert init[0] != init[1]  # each seed builds its own LM
+    assert json.loads((tmp_path / "out" / "adaptation.json").read_text())["summary"]["kad"]["lora"]["values"]
+
+
+def test_encode_rejects_codes_that_do_not_match(tmp_path):
+    import torch
+
+    rows = [_track(tmp_path / f"t{i}.wav", 300 + 100 * i, seconds=2.0) for i in range(2)]
+    s = AdaptationSettings(heldout_every=2, segment_s=1.0, segments_per_track=2, max_track_s=2.0)
+    family = get_family("musicgen-melody")
+    loaded = family.load("tiny")
+    segs = style_data("test", rows, SR, s).train
+    own = encode(family, loaded, segs)
+    codes = torch.randint(0, 8, (len(segs), *own[0]["codes.npy"].shape))
+    replaced = encode(family, loaded, segs, codes=codes)
+    assert (
+        np.array_equal(replaced[1]["codes.npy"], codes[1].numpy()) and replaced[1]["json"] == own[1]["json"]
+    )
+    with pytest.raises(ValueError, match="codes: expected"):
+        encode(family, loaded, segs, codes=codes[:1])
+
+
+def test_gap_closed_and_targets():
+    from musiclora.studies.adaptation_report import gap_closed, spread, summarize
+
+    def run(base, lora, full, kad_base, kad_lora):
+        loss = {
+            m: {"base": 3.0, "target": v}
+            for m, v in (("init", 4.2), ("base", base), ("lora", lora), ("full", full))
+        }
+        return {"heldout_loss": loss, "kad": {"base": kad_base, "lora": kad_lora, "full": 0.1}}
+
+    assert gap_closed(run(4.0, 3.5, 3.0, 1, 1)["heldout_loss"]) == pytest.approx(0.5)
+    assert np.isnan(gap_closed(run(4.0, 3.5, 4.1, 1, 1)["heldout_loss"]))
+    assert spread([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "values": [1.0, 3.0]}
+    met = summarize({0: run(4.0, 3.4, 3.0, 2.0, 1.0), 1: run(4.0, 3.6, 3.0, 2.0, 2.5)})
+    assert met["targets"]["gap"]["met"] and met["summary"]["gap_closed"]["mean"] == pytest.approx(0.5)
+    assert met["targets"]["kad"] == {"lora_lower_in_seeds": 1, "seeds": 2, "met": True}
+    missed = summarize({0: run(4.0, 3.9, 3.0, 1.0, 1.5)})
+    assert not missed["targets"]["gap"]["met"] and not missed["targets"]["kad"]["met"]

@@ -91,3 +91,38 @@ def test_data_init_makes_the_decoder_depend_on_its_input(codec):
     with torch.no_grad():
         assert float(codec.decoder(latents).std()) == pytest.approx(0.2, rel=0.05)
     assert input_share() > 0.5
+
+
+def _tones(freqs, seconds: float = 1.0) -> torch.Tensor:
+    t = np.arange(int(seconds * SR)) / SR
+    return torch.from_numpy(np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in freqs]).astype(np.float32))
+
+
+def test_mel_frames_change_slowly_and_need_fitting():
+    from musiclora.studies.tiny_codec import MelFrames
+
+    frames = MelFrames(SR, hop=640, dim=4)
+    wavs = _tones([220, 880, 3000])
+    with pytest.raises(RuntimeError, match="fit"):
+        frames(wavs)
+    assert 0.5 < frames.fit(wavs) <= 1.0
+    z = frames(wavs)
+    assert z.shape == (3, 4, SR // 640)
+    # a steady tone gives (almost) the same frame throughout; different tones give different frames
+    inner = z[..., 2:-2]
+    assert float((inner - inner.mean(dim=-1, keepdim=True)).norm()) < 0.05 * float(inner.norm())
+    assert float((inner[0] - inner[2]).norm(dim=0).min()) > 1.0
+
+
+def test_mel_codec_codes_tell_tones_apart_and_feed_the_decoder(codec):
+    from musiclora.studies.tiny_codec import fit_mel_codec, mel_codes
+
+    wavs = _tones([220, 330, 1760, 2640])
+    frames, stats = fit_mel_codec(codec, wavs, entries=4, decoder_steps=3, seed=0)
+    assert stats["lag1_autocorrelation"] > 0.8 and len(stats["relative_residual"]) == 4
+    codes = mel_codes(codec, frames, wavs)
+    assert codes.shape == (4, 4, SR // 640) and codes.dtype == torch.int64
+    low, high = set(codes[:2, 0, 2:-2].flatten().tolist()), set(codes[2:, 0, 2:-2].flatten().tolist())
+    assert not low & high  # level 1 separates low from high tones
+    audio = codec.decode(codes[:1, None], [None]).audio_values
+    assert audio.shape[-1] == SR and torch.isfinite(audio).all()
