@@ -9,6 +9,7 @@ Ray Train V2, token authentication stays on with a project-local token file, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -121,8 +122,13 @@ class LocalRay:
             return None
         return state
 
-    def stop(self, timeout_s: float = 30) -> None:
-        """Stop the head started by `start`: SIGTERM its process group, SIGKILL after `timeout_s`."""
+    def stop(self, timeout_s: float = 10) -> None:
+        """Stop the head started by `start`: SIGTERM its process group, SIGKILL after `timeout_s`.
+
+        On Ray 2.60 the raylet exits about 14 s after SIGTERM, and `ray start --block` with one
+        Python helper stays until killed, so a longer grace only waits: nothing of a local head
+        (no persisted GCS, jobs' output already in the object store) needs a clean shutdown.
+        """
         state = self.status()
         if state:
             pgid = os.getpgid(state["pid"])
@@ -132,12 +138,32 @@ class LocalRay:
                 time.sleep(0.5)
             if _group_alive(pgid):
                 os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # reap the head when this process started it
+                os.waitpid(state["pid"], os.WNOHANG)
         self.state_file.unlink(missing_ok=True)
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    """True while a process of group `pgid` still runs.
+
+    Zombies do not count: an exited process stays a zombie until its parent reaps it (the head is
+    the child of whoever called `start`, and a container's PID 1 may never reap orphans), and
+    `killpg(pgid, 0)` still finds it, so waiting on that alone sat out the whole timeout.
+    Reads /proc where there is one, else falls back to `killpg(pgid, 0)`.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, ... after "pid (comm)"
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
