@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ class AdaptationSettings:
         full_steps / full_lr: full fine-tuning of the base on the target style.
         lora_steps / lora_lr / preset / r / lora_alpha / lora_dropout: the LoRA stage.
         batch_size: segments per step (every stage).
+        schedule: learning-rate schedule after the linear warm-up, every stage: "constant" or "cosine".
         curve_points: held-out evaluations per training stage (the loss-curve plot).
         eval_prompts / eval_duration_s / guidance_scale: generation prompts (held-out target
             segments), seconds generated per prompt, classifier-free guidance.
@@ -97,6 +99,7 @@ class AdaptationSettings:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     batch_size: int = 8
+    schedule: str = "constant"
     curve_points: int = 5
     eval_prompts: int = 12
     eval_duration_s: float = 3.0
@@ -410,6 +413,7 @@ def run_seed(
             probe=lambda: held(m, split),
             points=s.curve_points,
             curve=curve,
+            schedule=s.schedule,
         )
         timings[f"{name}_train_s"] = time.perf_counter() - t0
         _log(
@@ -499,6 +503,7 @@ def run_adaptation(
         }
     timings["total_s"] = time.perf_counter() - t_all
     timings["cpu_s"] = time.process_time() - cpu0
+    timings["load_average_1_5_15"] = list(os.getloadavg())
     result = {
         "settings": asdict(s),
         "timings_s": timings,
