@@ -15,8 +15,8 @@ The analogue, on a 2-core CPU machine, of the seed studies' base-vs-LoRA tables:
 3. Base: the tiny MusicGen-Melody language model (text encoder, projections, decoder; codec frozen),
    built with the seed, trained on the base style with `family.loss` in a plain torch loop.
 4. Adaptation to the target style's training tracks, from the same base: peft LoRA (preset
-   `attn+ffn` by default), and full fine-tuning of every LM parameter, the reference LoRA is
-   measured against.
+   `attn+ffn+heads` by default: attention, FFN and the per-codebook output heads), and full
+   fine-tuning of every LM parameter, the reference LoRA is measured against.
 5. Figures, per seed: held-out cross-entropy on both styles (random init, base, LoRA, full
    fine-tuning), the share of the base-to-full gap on the target style that LoRA closes, and KAD
    (`musiclora.eval.metrics.kad`) between audio generated from held-out target prompts (their
@@ -88,19 +88,19 @@ class AdaptationSettings:
     max_track_s: float = 120.0
     codec_entries: int = 64
     codec_steps: int = 120
-    base_steps: int = 500
-    base_lr: float = 2e-3
-    full_steps: int = 150
+    base_steps: int = 200
+    base_lr: float = 5e-3
+    full_steps: int = 60
     full_lr: float = 1e-3
-    lora_steps: int = 150
+    lora_steps: int = 60
     lora_lr: float = 1e-2
-    preset: str = "attn+ffn"
-    r: int = 16
-    lora_alpha: float = 32.0
+    preset: str = "attn+ffn+heads"
+    r: int = 8
+    lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     batch_size: int = 8
     schedule: str = "constant"
-    curve_points: int = 5
+    curve_points: int = 3
     eval_prompts: int = 12
     eval_duration_s: float = 3.0
     guidance_scale: float = 3.0
