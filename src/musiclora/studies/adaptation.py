@@ -244,7 +244,7 @@ def train(
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(schedule, step, lr, max(1, steps // 20), steps)
+            group["lr"] = scheduled_lr(schedule, step, lr, max(1, steps // 20), steps)
         batch = family.collate(
             [samples[j] for j in rng.choice(len(samples), batch_size, replace=False)], loaded
         )
@@ -263,7 +263,13 @@ def train(
     return losses
 
 
-def _lr(schedule: str, step: int, lr: float, warmup: int, steps: int) -> float:
+def scheduled_lr(schedule: str, step: int, lr: float, warmup: int, steps: int) -> float:
+    """Learning rate at 0-based `step`: linear warm-up over `warmup` steps, then `lr` ("constant")
+    or cosine decay to zero at `steps` ("cosine": `musiclora.train.schedule.lr_at`).
+
+    Raises:
+        ValueError: unknown `schedule`.
+    """
     if schedule == "cosine":
         return lr_at(step, lr, warmup, steps)
     if schedule == "constant":
