@@ -100,7 +100,7 @@ def adaptation_table(
     full_steps: int = typer.Option(None, min=1, help="full fine-tuning steps on the target style"),
     base_tracks: int = typer.Option(None, min=2, help="base-style tracks used"),
     eval_prompts: int = typer.Option(None, min=2, help="generated clips per model for KAD"),
-    preset: str = typer.Option(None, help="LoRA preset: attn, attn+ffn, attn+cond"),
+    preset: str = typer.Option(None, help="LoRA preset: attn, attn+ffn, attn+ffn+heads, attn+cond"),
     seeds: str = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
 ) -> None:
     """Tiny base learns one style of the real corpus; LoRA and full fine-tuning adapt it to a held-out style."""

@@ -127,6 +127,12 @@ class MusicgenMelodyFamily(ModelFamily):
     lora_presets = {
         "attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
         "attn+ffn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"],
+        # + the per-codebook output heads: in a small LM a new style is largely a new choice of codes,
+        # which adapters inside the blocks alone barely reach (bench/results/adaptation).
+        "attn+ffn+heads": [
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2",
+            "lm_heads.0", "lm_heads.1", "lm_heads.2", "lm_heads.3",
+        ],
         "attn+cond": [
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
             "enc_to_dec_proj", "audio_enc_to_dec_proj",

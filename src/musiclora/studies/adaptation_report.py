@@ -73,6 +73,11 @@ def _pm(x: dict[str, Any], digits: int = 3, pct: bool = False) -> str:
     return f"{k * x['mean']:.{digits}f} ± {k * x['std']:.{digits}f}{unit}"
 
 
+def _load(t: dict[str, Any]) -> str:
+    load = t.get("load_average_1_5_15")
+    return f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)" if load else ""
+
+
 def adaptation_markdown(r: dict[str, Any]) -> str:
     """The study as Markdown: setup (seeds, clips), the table (mean ± std over seeds), targets, notes."""
     from musiclora.eval.report import md_table
@@ -138,7 +143,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
         (
             f"- Runs in under {TIME_TARGET_S / 60:.0f} min: "
             f"{'met' if t['total_s'] < TIME_TARGET_S else '**NOT MET**'} ({t['total_s'] / 60:.1f} min wall, "
-            f"{t['cpu_s'] / 60:.1f} min CPU, on 2 cores shared with other jobs)."
+            f"{t['cpu_s'] / 60:.1f} min CPU, on 2 cores shared with other jobs{_load(t)})."
         ),
     ]
     setup = (
@@ -149,7 +154,8 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
         f"{d['base']['heldout_segments']} held out ({d['base']['tracks']['heldout']} tracks); "
         f"{s['target_package']}: {d['target']['train_segments']} training clips "
         f"({d['target']['tracks']['train']} tracks), {d['target']['heldout_segments']} held out "
-        f"({d['target']['tracks']['heldout']} tracks). Batch {s['batch_size']}, AdamW, warm-up + cosine; "
+        f"({d['target']['tracks']['heldout']} tracks). Batch {s['batch_size']}, AdamW, linear warm-up "
+        f"(5 % of steps) then {s.get('schedule', 'cosine')} learning rate; "
         f"lr: base {s['base_lr']:g}, full fine-tuning {s['full_lr']:g}, LoRA {s['lora_lr']:g} "
         f"(dropout {s['lora_dropout']:g})."
     )

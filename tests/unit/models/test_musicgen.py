@@ -118,3 +118,19 @@ def test_tiny_saves_as_a_plain_transformers_folder(tiny_musicgen_dir):
 def test_unknown_base_is_a_clear_error(fam, tmp_path):
     with pytest.raises(ValueError, match="cannot load MusicGen-Melody base"):
         fam.load(str(tmp_path / "no-such-model"))
+
+
+def test_heads_preset_resolves_to_every_output_head_and_block_layer(fam):
+    from musiclora.adapters import apply_lora, check_targets, matching_modules
+    from musiclora.config import AdapterConfig
+
+    model = fam.load("tiny").model
+    cfg = AdapterConfig(preset="attn+ffn+heads", r=4)
+    names = matching_modules(model, check_targets(model, fam, cfg))
+    heads = sorted(n for n in names if ".lm_heads." in n)
+    assert heads == [f"decoder.lm_heads.{k}" for k in range(model.config.decoder.num_codebooks)]
+    assert set(matching_modules(model, fam.target_modules("attn+ffn"))) < set(names)
+    peft_model = apply_lora(model, fam, cfg)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trained)
+    assert any(".lm_heads.3.lora_B" in n for n in trained) and any(".fc2.lora_A" in n for n in trained)

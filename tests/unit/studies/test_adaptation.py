@@ -135,3 +135,13 @@ def test_gap_closed_and_targets():
     assert met["targets"]["kad"] == {"lora_lower_in_seeds": 1, "seeds": 2, "met": True}
     missed = summarize({0: run(4.0, 3.9, 3.0, 1.0, 1.5)})
     assert not missed["targets"]["gap"]["met"] and not missed["targets"]["kad"]["met"]
+
+
+def test_constant_schedule_holds_the_rate_after_warm_up_and_cosine_decays():
+    from musiclora.studies.adaptation import scheduled_lr
+
+    assert scheduled_lr("constant", 0, 1e-2, 10, 200) == pytest.approx(1e-3)
+    assert [scheduled_lr("constant", k, 1e-2, 10, 200) for k in (9, 100, 199)] == pytest.approx([1e-2] * 3)
+    assert scheduled_lr("cosine", 199, 1e-2, 10, 200) < 1e-4 < scheduled_lr("cosine", 100, 1e-2, 10, 200)
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_lr("linear", 0, 1e-2, 10, 200)
