@@ -36,8 +36,9 @@ lint: $(STAMP)
 clean:
 	rm -rf .musiclora/outputs .pytest_cache
 
-# Issue 9: tiny base on one style of the bundled corpus, LoRA to a held-out style; held-out loss
-# and the evaluation metrics, base vs adapter, as Markdown (not part of `make test`; < 20 min on 2 cores).
+# The adaptation study: a tiny base learns one style of the bundled corpus, then LoRA and full fine-tuning
+# adapt it to a held-out style, 3 seeds; held-out loss and KAD as Markdown + JSON + a plot
+# (not part of `make test`; about 12 min on 2 cores; README "The adaptation study").
 .PHONY: adaptation-table
 adaptation-table: $(STAMP)
 	$(VENV)/bin/musiclora adaptation-table $(ADAPTATION_ARGS)
