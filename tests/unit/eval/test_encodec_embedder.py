@@ -119,11 +119,11 @@ def test_codec_inputs_go_to_the_codecs_device(use):
 
     if use == "embedder":
         meta_codec.encoder.register_forward_pre_hook(hook)
-        call = lambda: EncodecEmbedder(meta_codec)([_tone(220)])  # noqa: E731
+        call = lambda: EncodecEmbedder(meta_codec)([_tone(220)])
     else:
         meta_codec.quantizer.decode = lambda codes: hook(None, (codes,))  # the first to see the codes
         codes = np.zeros((len(meta_codec.quantizer.layers), 8), np.int64)  # [K, T]
-        call = lambda: codes_decoder(meta_codec)(codes)  # noqa: E731
+        call = lambda: codes_decoder(meta_codec)(codes)
     with pytest.raises(_Seen):
         call()
     assert seen == ["meta"]

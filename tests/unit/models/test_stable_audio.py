@@ -12,8 +12,7 @@ import torch
 
 from musiclora.adapters import apply_lora, trainable_report
 from musiclora.config import AdapterConfig
-from musiclora.models.base import Loaded, Segment
-from musiclora.models.base import GenerationRequest
+from musiclora.models.base import GenerationRequest, Loaded, Segment
 from musiclora.models.families import get_family
 from musiclora.models.stable_audio import StableAudioFamily, _container
 from musiclora.models.stable_audio_components import StableAudio, angles, sampling_times, t5_states
