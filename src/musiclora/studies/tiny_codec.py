@@ -116,30 +116,6 @@ def data_init(stack: nn.Module, inputs: torch.Tensor, out_std: float = 1.0) -> l
 
 
 @torch.no_grad()
-def standardize_latents(codec: nn.Module, wavs: torch.Tensor) -> dict:
-    """Rescale the encoder's last convolution so its latents are zero-mean, unit-variance per channel on `wavs`.
-
-    A random encoder's latents are tiny (std ~0.07 here) and vary little, so a decoder fed their
-    quantised values barely sees the codes and learns the average sound. An affine change per
-    latent channel loses nothing: y'_c = (y_c - mean_c) / std_c, folded into the weight-norm
-    gain and the bias of the last convolution.
-
-    Args:
-        codec: a transformers `EncodecModel` whose encoder ends in a weight-normed `EncodecConv1d`.
-        wavs: float32 mono clips at the codec's rate, shape [N, L].
-
-    Returns:
-        {"mean": per-channel means, "std": per-channel stds} before the change.
-    """
-    z = _latents(codec, wavs)
-    mean, std = z.mean(dim=(0, 2)), z.std(dim=(0, 2)).clamp_min(1e-8)
-    conv = codec.encoder.layers[-1].conv
-    gain = conv.parametrizations.weight.original0  # [C_out, 1, 1]
-    gain.mul_((1.0 / std)[:, None, None])
-    conv.bias.copy_((conv.bias - mean) / std)
-    return {"mean": mean.tolist(), "std": std.tolist()}
-
-
 @torch.no_grad()
 def fit_codebooks(
     codec: nn.Module, wavs: torch.Tensor, entries: int = 256, iters: int = 20, seed: int = 0
@@ -274,43 +250,6 @@ def fit_decoder(
         p.requires_grad_(False)
     codec.eval()
     return losses
-
-
-def fit_tiny_codec(
-    codec: nn.Module,
-    wavs: torch.Tensor,
-    entries: int = 256,
-    decoder_steps: int = 100,
-    seed: int = 0,
-    init_clips: int = 8,
-    init_s: float = 0.5,
-) -> dict:
-    """The whole fit: data-dependent init of the encoder, standardised latents, k-means codebooks,
-    data-dependent init of the decoder, decoder training.
-
-    Args:
-        codec: the tiny preset's transformers `EncodecModel` (changed in place).
-        wavs: float32 mono clips at the codec's rate, shape [N, L] (the base style's training audio).
-        entries: k-means centroids per quantiser level.
-        decoder_steps: `fit_decoder` steps (batch 8, 0.5 s crops).
-        seed: seed of k-means and of the crop sampler.
-        init_clips / init_s: clips and seconds per clip used for the data-dependent inits.
-
-    Returns:
-        {"frames", "entries", "relative_residual" (per quantiser level), "decoder_loss_first",
-        "decoder_loss_last" (means of the first and last 10 steps)}.
-    """
-    rate = int(codec.config.sampling_rate)
-    probe = wavs[:init_clips, : int(init_s * rate)]
-    data_init(codec.encoder, probe[:, None])
-    standardize_latents(codec, wavs)
-    stats = fit_codebooks(codec, wavs, entries=entries, seed=seed)
-    with torch.no_grad():
-        latents = codec.quantizer.decode(codec.encode(probe[:, None]).audio_codes[0].transpose(0, 1))
-    data_init(codec.decoder, latents, out_std=float(wavs.std()))
-    curve = fit_decoder(codec, wavs, steps=decoder_steps, crop_s=0.5, seed=seed)
-    stats.update(decoder_loss_first=float(np.mean(curve[:10])), decoder_loss_last=float(np.mean(curve[-10:])))
-    return stats
 
 
 class MelFrames:
