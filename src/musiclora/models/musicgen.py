@@ -8,6 +8,7 @@ cross-entropy averaged over the K codebooks, padding masked (audiocraft `solvers
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,33 @@ def delayed_to_codes(delayed: torch.Tensor, num_frames: int) -> torch.Tensor:
     return torch.stack([delayed[:, q, q + 1 : q + 1 + num_frames] for q in range(k)], dim=1)
 
 
-def build_tiny_musicgen_melody(seed: int = 0):
+def build_tiny_musicgen_melody(seed: int = 0, codebook_size: int = 2048, chroma_length: int = 235):
     """The `tiny` preset: real transformers classes, small config, random weights.
 
     Keeps what shapes the data path: 32 kHz mono EnCodec at 50 Hz frames with K = 4 codebooks of
     2048 entries (2.2 kbps, as facebook/musicgen-melody), 12-bin chroma; shrinks widths and depths.
 
+    Args:
+        seed: seed of the random weights and codebooks.
+        codebook_size: entries per EnCodec codebook, which is also the decoder's vocabulary (its
+            pad/BOS id is `codebook_size`, as 2048 is for facebook/musicgen-melody). The
+            adaptation study uses its codec's 64: a 2048-way head that only ever sees 64 codes
+            spends most of a CPU step on logits no target uses, and learns slowly.
+        chroma_length: chroma frames the decoder takes in front of the text (235, 30 s at the
+            feature extractor's 4096-sample hop, as facebook/musicgen-melody). transformers tiles
+            shorter chroma to this length, so clips much shorter than 30 s can use fewer.
+
     Returns:
-        (MusicgenMelodyForConditionalGeneration in eval mode, T5Tokenizer), about 0.9 M parameters.
+        (MusicgenMelodyForConditionalGeneration in eval mode, T5Tokenizer), about 1.1 M parameters
+        with the defaults.
+
+    Raises:
+        ValueError: `codebook_size` below 2 or `chroma_length` below 1.
     """
+    if codebook_size < 2 or chroma_length < 1:
+        raise ValueError(
+            f"codebook_size must be >= 2 and chroma_length >= 1, got {codebook_size} and {chroma_length}"
+        )
     from transformers import (
         EncodecConfig,
         MusicgenMelodyConfig,
@@ -78,24 +97,28 @@ def build_tiny_musicgen_melody(seed: int = 0):
 
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(seed)
+    kbps = round(4 * 50 * math.ceil(math.log2(codebook_size)) / 1000, 6)  # K = 4 levels at 50 Hz: 2.2 for 2048
     audio = EncodecConfig(
         sampling_rate=32_000, audio_channels=1, num_filters=4, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048, codebook_dim=16, hidden_size=16, num_lstm_layers=1, target_bandwidths=[2.2],
+        codebook_size=codebook_size, codebook_dim=16, hidden_size=16, num_lstm_layers=1, target_bandwidths=[kbps],
         use_causal_conv=False, normalize=False,
     )
+    if audio.num_quantizers != 4:
+        raise ValueError(f"codebook_size {codebook_size}: {kbps} kbps gives {audio.num_quantizers} levels, not 4")
     text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     decoder = MusicgenMelodyDecoderConfig(
-        vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, num_codebooks=4,
-        pad_token_id=2048, bos_token_id=2048, max_position_embeddings=4096,
+        vocab_size=codebook_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        num_codebooks=4, pad_token_id=codebook_size, bos_token_id=codebook_size, max_position_embeddings=4096,
     )
     config = MusicgenMelodyConfig(
-        text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict(), chroma_length=235
+        text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict(),
+        chroma_length=chroma_length,
     )
     model = MusicgenMelodyForConditionalGeneration(config).eval()
     _randomise_codebooks(model, seed)
-    model.generation_config.pad_token_id = 2048
-    model.generation_config.decoder_start_token_id = 2048
-    model.generation_config.bos_token_id = 2048
+    model.generation_config.pad_token_id = codebook_size
+    model.generation_config.decoder_start_token_id = codebook_size
+    model.generation_config.bos_token_id = codebook_size
     return model, tokenizer
 
 
@@ -173,8 +196,9 @@ class MusicgenMelodyFamily(ModelFamily):
         with torch.device("meta"):
             return MusicgenMelodyForConditionalGeneration(config)
 
-    def save_tiny(self, out_dir: str, seed: int = 0) -> str:
-        model, tokenizer = build_tiny_musicgen_melody(seed)
+    def save_tiny(self, out_dir: str, seed: int = 0, codebook_size: int = 2048, chroma_length: int = 235) -> str:
+        """Write the tiny preset (`build_tiny_musicgen_melody`, whose arguments these are) to `out_dir`."""
+        model, tokenizer = build_tiny_musicgen_melody(seed, codebook_size, chroma_length)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)

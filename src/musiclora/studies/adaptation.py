@@ -13,7 +13,10 @@ The analogue, on a 2-core CPU machine, of the seed studies' base-vs-LoRA tables:
    fitted once, on the training tracks of both styles (a pretrained codec has heard all kinds
    of music; the held-out tracks are never used), and shared by all seeds.
 3. Base: the tiny MusicGen-Melody language model (text encoder, projections, decoder; codec frozen),
-   built with the seed, trained on the base style with `family.loss` in a plain torch loop.
+   built with the seed (`study_model`: its vocabulary is the codec's 64 codes, its chroma prefix
+   30 frames), trained on the base style with `family.loss` in a plain torch loop. The table sets
+   its held-out loss beside count models of the same codes (`musiclora.studies.ngram`): below the
+   previous-frame model, it has learned the order of its style's codes, not only their frequencies.
 4. Adaptation to the target style's training tracks, from the same base: peft LoRA (preset
    `attn+ffn+heads` by default: attention, FFN and the per-codebook output heads), and full
    fine-tuning of every LM parameter, the reference LoRA is measured against.
@@ -63,7 +66,10 @@ class AdaptationSettings:
         segment_s: training segment length in seconds.
         segments_per_track: segments taken per track, evenly spaced over its first `max_track_s`.
         max_track_s: seconds decoded per track.
-        codec_entries / codec_steps: k-means centroids per quantiser level; decoder fitting steps.
+        codec_entries / codec_steps: k-means centroids per quantiser level (also the codebook size of
+            the study's tiny MusicGen, so its LM's vocabulary); decoder fitting steps.
+        chroma_length: chroma frames the study's LM takes (`build_tiny_musicgen_melody`); 30 cover
+            3.7 s at the feature extractor's 4096-sample hop, so segments and generated clips fit.
         base_steps / base_lr: training of the base LM on the base style.
         full_steps / full_lr: full fine-tuning of the base on the target style.
         lora_steps / lora_lr / preset / r / lora_alpha / lora_dropout: the LoRA stage.
@@ -80,27 +86,28 @@ class AdaptationSettings:
     cache_dir: str = ".musiclora/cache/corpus"
     base_package: str = "wesnoth-1.16-music"
     target_package: str = "singularity-music"
-    base_tracks: int | None = 24
+    base_tracks: int | None = None
     target_tracks: int | None = None
     heldout_every: int = 4
     segment_s: float = 3.0
-    segments_per_track: int = 10
+    segments_per_track: int = 20
     max_track_s: float = 120.0
     codec_entries: int = 64
     codec_steps: int = 120
-    base_steps: int = 200
+    chroma_length: int = 30
+    base_steps: int = 1200
     base_lr: float = 5e-3
-    full_steps: int = 60
+    full_steps: int = 200
     full_lr: float = 1e-3
-    lora_steps: int = 60
-    lora_lr: float = 1e-2
+    lora_steps: int = 200
+    lora_lr: float = 2e-3
     preset: str = "attn+ffn+heads"
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     batch_size: int = 8
     schedule: str = "constant"
-    curve_points: int = 3
+    curve_points: int = 6
     eval_prompts: int = 12
     eval_duration_s: float = 3.0
     guidance_scale: float = 3.0
@@ -226,8 +233,8 @@ def train(
     """AdamW (weight decay 0.01) on the trainable parameters, linear warm-up (5 % of steps), then
     constant (`schedule="constant"`) or cosine decay to zero (`"cosine"`, `musiclora.train.schedule.lr_at`).
 
-    A constant rate suits these short runs: with cosine decay the base LM's rate fell before it had
-    left the uniform-guess plateau (4.07 nats after 500 steps vs ln 64 = 4.16).
+    The study uses the constant rate: its runs are short, and each stage's loss curve shows where it
+    flattens.
 
     Args:
         probe: optional callable () -> held-out loss, called (in eval mode) `points` times, evenly
@@ -289,6 +296,27 @@ def heldout_loss(model, family, loaded, samples, batch_size: int = 8) -> float:
     return total / count
 
 
+def study_model(family, s: AdaptationSettings, seed: int, folder: Path):
+    """The study's tiny MusicGen-Melody, built with `seed`, saved to `folder` and loaded from it.
+
+    Its codebooks have `s.codec_entries` entries, so the LM's vocabulary is the codes its codec
+    uses, and it takes `s.chroma_length` chroma frames.
+
+    Raises:
+        ValueError: `s.chroma_length` frames are shorter than a segment or a generated clip.
+    """
+    from musiclora.models.chroma import HOP_LENGTH as CHROMA_HOP
+
+    longest = max(s.segment_s, s.eval_duration_s)
+    if s.chroma_length * CHROMA_HOP < longest * family.sample_rate + CHROMA_HOP:
+        raise ValueError(
+            f"chroma_length: {s.chroma_length} frames of {CHROMA_HOP} samples do not cover {longest} s"
+        )
+    return family.load(
+        family.save_tiny(str(folder), seed=seed, codebook_size=s.codec_entries, chroma_length=s.chroma_length)
+    )
+
+
 def _log(msg: str, t0: float) -> None:
     print(f"[adaptation {time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
@@ -321,7 +349,8 @@ def prepare_data(s: AdaptationSettings, rows: dict[str, list[dict[str, Any]]], f
 
     base = style_data(s.base_package, rows[s.base_package][: s.base_tracks], family.sample_rate, s)
     target = style_data(s.target_package, rows[s.target_package][: s.target_tracks], family.sample_rate, s)
-    loaded = family.load("tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = study_model(family, s, s.seeds[0], Path(tmp))
     codec = loaded.model.audio_encoder
     frames, stats = fit_mel_codec(
         codec,
@@ -393,7 +422,7 @@ def run_seed(
         "curves": {stage: [(step, held-out nats)]}, "train_loss": {stage: [first10, last10]},
         "parameters": {...}, "timings_s": {...}} for models init / base / lora / full.
     """
-    loaded = family.load(family.save_tiny(str(work / f"init_{seed}"), seed=seed))
+    loaded = study_model(family, s, seed, work / f"init_{seed}")
     model = loaded.model
     model.audio_encoder.load_state_dict(data.codec_state)
     sets, bs, timings = data.sets, s.batch_size, {}
@@ -487,6 +516,7 @@ def run_adaptation(
     from musiclora.eval.embeddings import build_embedder
     from musiclora.eval.report import clean_json
     from musiclora.studies.adaptation_report import adaptation_markdown, plot_curves, summarize
+    from musiclora.studies.ngram import code_model_loss
 
     if not s.seeds:
         raise ValueError("seeds: need at least one")
@@ -499,6 +529,14 @@ def run_adaptation(
     data = prepare_data(s, rows, family)
     timings["prepare_s"] = time.perf_counter() - t_all
     _log(f"data and codec ready: {data.codec_stats}", t_all)
+    references = {
+        split: {
+            f"order{o}": code_model_loss(data.sets["base_train"], data.sets[f"{split}_heldout"], s.codec_entries, o)
+            for o in (0, 1)
+        }
+        for split in ("base", "target")
+    }
+    _log(f"count models of the base style's codes, held-out nats: {references}", t_all)
     embedder = build_embedder(s.embedder)
     from musiclora.audio import resample
 
@@ -521,7 +559,8 @@ def run_adaptation(
         "eval": {"prompts": len(data.prompts), "reference_clips": len(data.reference)},
         "seeds": seeds,
     }
-    result.update(summarize(seeds))
+    result["references"] = references
+    result.update(summarize(seeds, references))
     result["markdown"] = adaptation_markdown(result)
     plot_curves(seeds, s, str(out / "loss_curves.png"))
     (out / "adaptation.json").write_text(json.dumps(clean_json(result), indent=2))

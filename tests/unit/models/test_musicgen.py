@@ -134,3 +134,24 @@ def test_heads_preset_resolves_to_every_output_head_and_block_layer(fam):
     trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert all("lora_" in n for n in trained)
     assert any(".lm_heads.3.lora_B" in n for n in trained) and any(".fc2.lora_A" in n for n in trained)
+
+
+def test_tiny_preset_sizes_codebook_and_chroma_together(fam, tmp_path):
+    """A 64-entry tiny preset: codec, LM vocabulary, pad id and chroma length agree end to end."""
+    from musiclora.models.musicgen import build_tiny_musicgen_melody
+
+    sized = fam.load(fam.save_tiny(str(tmp_path / "t64"), seed=0, codebook_size=64, chroma_length=30))
+    model = sized.model
+    assert model.config.audio_encoder.codebook_size == 64 and model.config.chroma_length == 30
+    assert model.config.decoder.vocab_size == 64 and model.config.decoder.pad_token_id == 64
+    assert model.generation_config.pad_token_id == 64
+    assert all(head.out_features == 64 for head in model.decoder.lm_heads)
+    batch, _ = _batch(fam, sized)
+    assert int(batch["codes"].max()) < 64 and fam.feature_spec(sized)["codebook_size"] == 64
+    assert abs(fam.loss(model.train(), batch).item() - np.log(64)) < 0.5  # random init: ln(vocab)
+    melody = np.sin(2 * np.pi * 440 * np.arange(32000) / 32000).astype(np.float32)
+    audio, sr = fam.generate(model.eval(), sized.tokenizer,
+                             GenerationRequest("epic", 1.0, seed=1, melody=melody, melody_sample_rate=32000))
+    assert sr == 32000 and audio.shape == (32000,) and np.isfinite(audio).all()
+    with pytest.raises(ValueError, match="codebook_size must be >= 2"):
+        build_tiny_musicgen_melody(codebook_size=1)
