@@ -38,7 +38,7 @@ clean:
 
 # The adaptation study: a tiny base learns one style of the bundled corpus, then LoRA and full fine-tuning
 # adapt it to a held-out style, 3 seeds; held-out loss and KAD as Markdown + JSON + a plot
-# (not part of `make test`; about 12 min on 2 cores; README "The adaptation study").
+# (not part of `make test`; about 10 min on 2 cores; README "The adaptation study").
 .PHONY: adaptation-table
 adaptation-table: $(STAMP)
 	$(VENV)/bin/musiclora adaptation-table $(ADAPTATION_ARGS)

@@ -76,8 +76,11 @@ class AdaptationSettings:
         batch_size: segments per step (every stage).
         schedule: learning-rate schedule after the linear warm-up, every stage: "constant" or "cosine".
         curve_points: held-out evaluations per training stage (the loss-curve plot).
-        eval_prompts / eval_duration_s / guidance_scale: generation prompts (held-out target
-            segments), seconds generated per prompt, classifier-free guidance.
+        eval_prompts / eval_duration_s: generation prompts (held-out target segments), seconds
+            generated per prompt.
+        guidance_scales: classifier-free guidance of the generated clips, one KAD figure each. The
+            first is the one the KAD target is judged on: 1.0 is plain conditional sampling, the
+            distribution the held-out loss scores; 3.0 is MusicGen's sampling default, reported too.
         embedder: the KAD embedder (a name of `musiclora.eval.embeddings.EMBEDDERS`).
         seeds: one run per seed (LM init, batch order, LoRA init, condition dropout, sampling);
             the codec is fitted once with the first.
@@ -108,9 +111,9 @@ class AdaptationSettings:
     batch_size: int = 8
     schedule: str = "constant"
     curve_points: int = 6
-    eval_prompts: int = 12
+    eval_prompts: int = 40
     eval_duration_s: float = 3.0
-    guidance_scale: float = 3.0
+    guidance_scales: tuple[float, ...] = (1.0, 3.0)
     embedder: str = "mel-stats"
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -381,9 +384,18 @@ def prepare_data(s: AdaptationSettings, rows: dict[str, list[dict[str, Any]]], f
 
 
 def generated_kad(
-    family, model, tokenizer, data: StudyData, embedder, ref_emb: np.ndarray, s: AdaptationSettings, seed: int
+    family,
+    model,
+    tokenizer,
+    data: StudyData,
+    embedder,
+    ref_emb: np.ndarray,
+    s: AdaptationSettings,
+    seed: int,
+    guidance_scale: float,
 ) -> float:
-    """KAD between the held-out target segments and one clip generated per prompt (caption + melody).
+    """KAD between the held-out target segments and one clip generated per prompt (caption + melody),
+    sampled with classifier-free guidance `guidance_scale` (1: plain conditional sampling).
 
     Returns:
         `musiclora.eval.metrics.kad` (x100, kadtk's scale) of the `embedder` embeddings.
@@ -398,7 +410,7 @@ def generated_kad(
         GenerationRequest(
             seg.caption,
             s.eval_duration_s,
-            s.guidance_scale,
+            guidance_scale,
             seed * 1000 + j,
             melody=seg.audio[: round(s.eval_duration_s * family.sample_rate)],
             melody_sample_rate=family.sample_rate,
@@ -418,7 +430,8 @@ def run_seed(
     """One seed: a fresh tiny LM (built with `seed`), its base training, then LoRA and full fine-tuning.
 
     Returns:
-        {"heldout_loss": {model: {"base": nats, "target": nats}}, "kad": {model: kad},
+        {"heldout_loss": {model: {"base": nats, "target": nats}}, "kad": {model: kad at the first
+        guidance scale}, "kad_by_guidance": {"<scale>": {model: kad}},
         "curves": {stage: [(step, held-out nats)]}, "train_loss": {stage: [first10, last10]},
         "parameters": {...}, "timings_s": {...}} for models init / base / lora / full.
     """
@@ -458,7 +471,15 @@ def run_seed(
         )
         return curve, [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))]
 
-    loss, kads, curves, train_loss = {"init": both(model)}, {}, {}, {}
+    loss, curves, train_loss = {"init": both(model)}, {}, {}
+    by_guidance: dict[str, dict[str, float]] = {f"{g:g}": {} for g in s.guidance_scales}
+
+    def score(m, name: str) -> None:
+        for g in s.guidance_scales:
+            by_guidance[f"{g:g}"][name] = generated_kad(
+                family, m, loaded.tokenizer, data, embedder, ref_emb, s, seed, g
+            )
+
     for p in model.parameters():
         p.requires_grad_(True)
     for p in model.audio_encoder.parameters():
@@ -466,12 +487,12 @@ def run_seed(
     lm_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     curves["base"], train_loss["base"] = stage(model, "base", "base", s.base_steps, s.base_lr, 1)
     loss["base"] = both(model)
-    kads["base"] = generated_kad(family, model, loaded.tokenizer, data, embedder, ref_emb, s, seed)
+    score(model, "base")
 
     full = copy.deepcopy(model)
     curves["full"], train_loss["full"] = stage(full, "full", "target", s.full_steps, s.full_lr, 2)
     loss["full"] = both(full)
-    kads["full"] = generated_kad(family, full, loaded.tokenizer, data, embedder, ref_emb, s, seed)
+    score(full, "full")
     del full
 
     torch.manual_seed(seed * 7919 + 3)  # LoRA init
@@ -480,11 +501,12 @@ def run_seed(
     lora_params = trainable_report(model)
     curves["lora"], train_loss["lora"] = stage(model, "lora", "target", s.lora_steps, s.lora_lr, 4)
     loss["lora"] = both(model)
-    kads["lora"] = generated_kad(family, model, loaded.tokenizer, data, embedder, ref_emb, s, seed)
-    _log(f"seed {seed}: held-out loss {loss}, KAD {kads}", t_all)
+    score(model, "lora")
+    _log(f"seed {seed}: held-out loss {loss}, KAD by guidance {by_guidance}", t_all)
     return {
         "heldout_loss": loss,
-        "kad": kads,
+        "kad": by_guidance[f"{s.guidance_scales[0]:g}"],
+        "kad_by_guidance": by_guidance,
         "curves": curves,
         "train_loss": train_loss,
         "parameters": {"lm": lm_params, "lora": lora_params["trainable"], "total": lora_params["total"]},
@@ -520,6 +542,8 @@ def run_adaptation(
 
     if not s.seeds:
         raise ValueError("seeds: need at least one")
+    if not s.guidance_scales or min(s.guidance_scales) < 1.0:
+        raise ValueError(f"guidance_scales: need at least one, each >= 1, got {s.guidance_scales}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all, cpu0, timings = time.perf_counter(), time.process_time(), {}
@@ -562,7 +586,7 @@ def run_adaptation(
     result["references"] = references
     result.update(summarize(seeds, references))
     result["markdown"] = adaptation_markdown(result)
-    plot_curves(seeds, s, str(out / "loss_curves.png"))
+    plot_curves(seeds, s, str(out / "loss_curves.png"), references)
     (out / "adaptation.json").write_text(json.dumps(clean_json(result), indent=2))
     (out / "adaptation_table.md").write_text(result["markdown"])
     return result

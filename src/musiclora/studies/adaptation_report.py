@@ -50,7 +50,8 @@ def summarize(
             target.
 
     Returns:
-        {"summary": {"heldout_loss": {model: {split: spread}}, "kad": {model: spread},
+        {"summary": {"heldout_loss": {model: {split: spread}}, "kad": {model: spread} (the first
+        guidance scale), "kad_by_guidance": {"<scale>": {model: spread, "lora_lower_in_seeds"}},
         "gap_closed": spread}, "targets": {"gap": {...,"met"}, "kad": {..., "met"}[, "base": {...,"met"}]}}.
     """
     runs = list(seeds.values())
@@ -59,6 +60,13 @@ def summarize(
         for m in MODELS
     }
     kads = {m: spread([r["kad"][m] for r in runs]) for m in ("base", "lora", "full")}
+    by_guidance = {
+        g: {
+            m: spread([r["kad_by_guidance"][g][m] for r in runs]) for m in ("base", "lora", "full")
+        }
+        | {"lora_lower_in_seeds": int(sum(r["kad_by_guidance"][g]["lora"] < r["kad_by_guidance"][g]["base"] for r in runs))}
+        for g in runs[0].get("kad_by_guidance", {})
+    }
     gaps = spread([gap_closed(r["heldout_loss"]) for r in runs])
     kad_lower = sum(r["kad"]["lora"] < r["kad"]["base"] for r in runs)
     targets = {}
@@ -73,7 +81,7 @@ def summarize(
             "met": bool(below == len(runs)),
         }
     return {
-        "summary": {"heldout_loss": loss, "kad": kads, "gap_closed": gaps},
+        "summary": {"heldout_loss": loss, "kad": kads, "kad_by_guidance": by_guidance, "gap_closed": gaps},
         "targets": targets | {
             "gap": {"target": GAP_TARGET, "mean": gaps["mean"], "met": bool(gaps["mean"] >= GAP_TARGET)},
             "kad": {
@@ -108,8 +116,15 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
     loss, kads = sm["heldout_loss"], sm["kad"]
     lora_name = f"base + LoRA ({s['preset']}, r {s['r']}, alpha {s['lora_alpha']:g})"
     refs = r.get("references")
+    guided = sm.get("kad_by_guidance") or {f"{s.get('guidance_scale', 3.0):g}": kads}
+    primary = next(iter(guided))
+
+    def kad_cols(model: str) -> list[str]:
+        return [_pm(guided[g][model]) for g in guided]
+
+    blank = [""] * len(guided)
     rows = [
-        ["tiny LM, random init", "", "", _pm(loss["init"]["base"]), _pm(loss["init"]["target"]), "", ""],
+        ["tiny LM, random init", "", "", _pm(loss["init"]["base"]), _pm(loss["init"]["target"]), "", *blank],
         *(
             [
                 f"no LM: {label} of the {s['base_package']} training clips",
@@ -118,7 +133,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
                 f"{refs['base'][key]:.3f}",
                 f"{refs['target'][key]:.3f}",
                 "",
-                "",
+                *blank,
             ]
             for key, label in (("order0", "code frequencies"), ("order1", "previous-frame code counts"))
             if refs
@@ -130,7 +145,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
             _pm(loss["base"]["base"]),
             _pm(loss["base"]["target"]),
             "0 % (by definition)",
-            _pm(kads["base"]),
+            *kad_cols("base"),
         ],
         [
             lora_name,
@@ -139,7 +154,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
             _pm(loss["lora"]["base"]),
             _pm(loss["lora"]["target"]),
             _pm(sm["gap_closed"], 1, pct=True),
-            _pm(kads["lora"]),
+            *kad_cols("lora"),
         ],
         [
             f"base + full fine-tuning on {s['target_package']}",
@@ -148,7 +163,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
             _pm(loss["full"]["base"]),
             _pm(loss["full"]["target"]),
             "100 % (by definition)",
-            _pm(kads["full"]),
+            *kad_cols("full"),
         ],
     ]
     head = [
@@ -158,7 +173,7 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
         f"{s['base_package']} held-out loss",
         f"{s['target_package']} held-out loss",
         f"gap closed on {s['target_package']}",
-        f"KAD vs held-out {s['target_package']} ({s['embedder']})",
+        *(f"KAD vs held-out {s['target_package']} ({s['embedder']}), guidance {g}" for g in guided),
     ]
     gap_ok = "met" if tg["gap"]["met"] else "**NOT MET**"
     kad_ok = "met" if tg["kad"]["met"] else "**NOT MET**"
@@ -179,9 +194,16 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
             f"per seed {per_seed})."
         ),
         (
-            f"- LoRA lowers KAD against the held-out {s['target_package']} audio, compared with the base: "
-            f"{kad_ok} (mean {kads['base']['mean']:.3f} -> {kads['lora']['mean']:.3f}; lower in "
-            f"{tg['kad']['lora_lower_in_seeds']} of {tg['kad']['seeds']} seeds)."
+            f"- LoRA lowers KAD against the held-out {s['target_package']} audio, compared with the base "
+            f"(guidance {primary}): {kad_ok} (mean {kads['base']['mean']:.3f} -> {kads['lora']['mean']:.3f}; "
+            f"lower in {tg['kad']['lora_lower_in_seeds']} of {tg['kad']['seeds']} seeds)."
+        ),
+        *(
+            f"- Reported, not a target: at guidance {g}, KAD base {guided[g]['base']['mean']:.3f} -> LoRA "
+            f"{guided[g]['lora']['mean']:.3f} (lower in {guided[g]['lora_lower_in_seeds']} of "
+            f"{len(s['seeds'])} seeds), full fine-tuning {guided[g]['full']['mean']:.3f}."
+            for g in guided
+            if g != primary
         ),
         (
             f"- Runs in under {TIME_TARGET_S / 60:.0f} min: "
@@ -219,9 +241,9 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
         (
             f"- KAD: kadtk's unbiased MMD² x 100 (lower is better) between {r['eval']['prompts']} clips of "
             f"{s['eval_duration_s']:g} s generated per model (captions of held-out {s['target_package']} segments, "
-            f"their audio as the melody, guidance {s['guidance_scale']:g}) and the {r['eval']['reference_clips']} "
-            f"held-out {s['target_package']} segments, on {s['embedder']} embeddings (log-mel means and stds: no "
-            "model, no random weights)."
+            f"their audio as the melody; classifier-free guidance {' and '.join(guided)}) and "
+            f"the {r['eval']['reference_clips']} held-out {s['target_package']} segments, on {s['embedder']} "
+            "embeddings (log-mel means and stds: no model, no random weights)."
         ),
         (
             "- Codec (no pretrained EnCodec here): 16 log-mel principal components per 50 Hz frame "
@@ -249,11 +271,14 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
     return "\n\n".join(lines) + "\n"
 
 
-def plot_curves(seeds: dict[int, dict[str, Any]], s, path: str) -> str:
+def plot_curves(
+    seeds: dict[int, dict[str, Any]], s, path: str, references: dict[str, dict[str, float]] | None = None
+) -> str:
     """Held-out loss during each stage (mean over seeds, min-max band) as PNG; returns `path`.
 
     Left: the base's training, on the base style's held-out clips. Right: LoRA and full
     fine-tuning from the base, on the target style's held-out clips (step 0: the base).
+    `references` (as `summarize` takes them) adds the count models as dashed lines on the left.
     """
     from musiclora.plots import plt
 
@@ -272,6 +297,11 @@ def plot_curves(seeds: dict[int, dict[str, Any]], s, path: str) -> str:
             )
             ax.plot(steps, vals.mean(axis=0), "o-", label=label)
             ax.fill_between(steps, vals.min(axis=0), vals.max(axis=0), alpha=0.2)
+        if references and split == "base":
+            for key, label in (("order0", "code frequencies"), ("order1", "previous-frame counts")):
+                ax.axhline(references["base"][key], ls="--", lw=1, color="gray")
+                ax.annotate(f"no LM: {label}", (0, references["base"][key]), xytext=(4, 3),
+                            textcoords="offset points", fontsize=8, color="gray")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"held-out {package} loss (nats)")
         ax.legend()

@@ -94,6 +94,12 @@ def test_smoke_study_writes_table_with_seeds_and_targets(tmp_path):
     assert set(refs) == {"base", "target"} and refs["base"]["order1"] <= refs["base"]["order0"] + 1e-9
     assert "no LM: previous-frame code counts of the low training clips" in md
     assert "The base learns its style beyond code counts" in md
+    assert "(mel-stats), guidance 1 | KAD vs held-out high (mel-stats), guidance 3 |" in md  # a column per scale
+    assert "Reported, not a target: at guidance 3" in md
+    by_g = result["seeds"][0]["kad_by_guidance"]
+    assert set(by_g) == {"1", "3"} and result["seeds"][0]["kad"] == by_g["1"]
+    with pytest.raises(ValueError, match="guidance_scales"):
+        run_adaptation(AdaptationSettings(guidance_scales=(0.5,)), tmp_path / "bad", rows=rows)
     for seed in (0, 1):
         run = result["seeds"][seed]
         assert set(run["heldout_loss"]) == {"init", "base", "lora", "full"}
