@@ -346,14 +346,14 @@ def prepare_data(s: AdaptationSettings, rows: dict[str, list[dict[str, Any]]], f
     tracks, encode the four splits with it, pick the evaluation prompts (held-out target segments).
 
     Raises:
-        ValueError: too few usable tracks for a split.
+        ValueError: too few usable tracks for a split, or `s.chroma_length` too short (`study_model`).
     """
     from musiclora.studies.tiny_codec import fit_mel_codec, mel_codes
 
+    with tempfile.TemporaryDirectory() as tmp:  # first: a chroma_length too short fails before decoding
+        loaded = study_model(family, s, s.seeds[0], Path(tmp))
     base = style_data(s.base_package, rows[s.base_package][: s.base_tracks], family.sample_rate, s)
     target = style_data(s.target_package, rows[s.target_package][: s.target_tracks], family.sample_rate, s)
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = study_model(family, s, s.seeds[0], Path(tmp))
     codec = loaded.model.audio_encoder
     frames, stats = fit_mel_codec(
         codec,

@@ -60,13 +60,11 @@ def summarize(
         for m in MODELS
     }
     kads = {m: spread([r["kad"][m] for r in runs]) for m in ("base", "lora", "full")}
-    by_guidance = {
-        g: {
-            m: spread([r["kad_by_guidance"][g][m] for r in runs]) for m in ("base", "lora", "full")
-        }
-        | {"lora_lower_in_seeds": int(sum(r["kad_by_guidance"][g]["lora"] < r["kad_by_guidance"][g]["base"] for r in runs))}
-        for g in runs[0].get("kad_by_guidance", {})
-    }
+    by_guidance = {}
+    for g in runs[0].get("kad_by_guidance", {}):
+        per_seed = [r["kad_by_guidance"][g] for r in runs]
+        by_guidance[g] = {m: spread([k[m] for k in per_seed]) for m in ("base", "lora", "full")}
+        by_guidance[g]["lora_lower_in_seeds"] = int(sum(k["lora"] < k["base"] for k in per_seed))
     gaps = spread([gap_closed(r["heldout_loss"]) for r in runs])
     kad_lower = sum(r["kad"]["lora"] < r["kad"]["base"] for r in runs)
     targets = {}

@@ -145,6 +145,19 @@ def test_gap_closed_and_targets():
     assert met["targets"]["kad"] == {"lora_lower_in_seeds": 1, "seeds": 2, "met": True}
     missed = summarize({0: run(4.0, 3.9, 3.0, 1.0, 1.5)})
     assert not missed["targets"]["gap"]["met"] and not missed["targets"]["kad"]["met"]
+    assert "base" not in missed["targets"]  # no count models given: no base target
+    refs = {"base": {"order0": 4.1, "order1": 3.2}, "target": {"order0": 4.3, "order1": 3.4}}
+    learned = summarize({0: run(4.0, 3.4, 3.0, 2.0, 1.0)}, refs)["targets"]["base"]
+    assert learned == {"previous_frame_counts": 3.2, "code_frequencies": 4.1, "below_in_seeds": 1, "seeds": 1,
+                       "met": True}
+    refs["base"]["order1"] = 2.9  # the base LM (3.0 nats) is not below the previous-frame counts
+    assert not summarize({0: run(4.0, 3.4, 3.0, 2.0, 1.0)}, refs)["targets"]["base"]["met"]
+    guided = run(4.0, 3.4, 3.0, 2.0, 1.0) | {
+        "kad_by_guidance": {"1": {"base": 2.0, "lora": 1.0, "full": 0.1}, "3": {"base": 1.0, "lora": 1.5, "full": 0.1}}
+    }
+    by_g = summarize({0: guided, 1: guided})["summary"]["kad_by_guidance"]
+    assert by_g["1"]["lora_lower_in_seeds"] == 2 and by_g["3"]["lora_lower_in_seeds"] == 0
+    assert by_g["3"]["lora"]["mean"] == pytest.approx(1.5)
 
 
 def test_constant_schedule_holds_the_rate_after_warm_up_and_cosine_decays():
