@@ -62,6 +62,23 @@ def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None =
     return Path(path)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default action.
+
+    A process started in the background by a non-interactive shell (`cmd &`, as CI runners and
+    `nohup` do) ignores SIGINT, and its children inherit that. Python then installs no
+    KeyboardInterrupt handler, so `serve run` would sit out Ctrl-C, be SIGKILLed, and leave its
+    application holding the cluster's CPUs.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` in its own session (a process group to signal) that Ctrl-C can stop,
+    whatever the caller's own SIGINT disposition (`_default_sigint`)."""
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_default_sigint, **kwargs)
+
+
 class ServeRun:
     """`serve run CONFIG` as a subprocess (repository root as cwd), stopped with Ctrl-C.
 
@@ -90,8 +107,8 @@ class ServeRun:
         env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
         env.pop("RAY_ADDRESS", None)
         with open(self.log, "ab") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([serve_bin, "run", "--address", self.address, self.config], cwd=REPO,
-                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = spawn([serve_bin, "run", "--address", self.address, self.config], cwd=REPO, env=env,
+                              stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
