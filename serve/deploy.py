@@ -62,21 +62,21 @@ def write_config(path: str | Path, http_port: int, args: dict[str, Any] | None =
     return Path(path)
 
 
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT back to its default action.
-
-    A process started in the background by a non-interactive shell (`cmd &`, as CI runners and
-    `nohup` do) ignores SIGINT, and its children inherit that. Python then installs no
-    KeyboardInterrupt handler, so `serve run` would sit out Ctrl-C, be SIGKILLed, and leave its
-    application holding the cluster's CPUs.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Run by a fresh interpreter in the child: SIGINT back to its default action, then exec the command
+# (exec keeps a default disposition, and the command's Python then installs KeyboardInterrupt).
+_RESET_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
 
 
 def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
-    """`subprocess.Popen` in its own session (a process group to signal) that Ctrl-C can stop,
-    whatever the caller's own SIGINT disposition (`_default_sigint`)."""
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_default_sigint, **kwargs)
+    """`subprocess.Popen` of `cmd` in its own session (a process group to signal) that Ctrl-C stops.
+
+    A process started in the background by a non-interactive shell (`cmd &`, as CI runners and
+    `nohup` do) ignores SIGINT, and its children inherit that: Python then installs no
+    KeyboardInterrupt handler, so `serve run` would sit out Ctrl-C, be SIGKILLed, and leave its
+    application holding the cluster's CPUs. The child resets SIGINT before exec'ing `cmd` (a
+    launcher interpreter rather than `preexec_fn`, which is unsafe in a threaded parent).
+    """
+    return subprocess.Popen([sys.executable, "-c", _RESET_SIGINT, *cmd], start_new_session=True, **kwargs)
 
 
 class ServeRun:
