@@ -55,20 +55,21 @@ def test_reader_survives_a_store_restart_mid_epoch(own_store):
     got = [next(it)["__key__"] for _ in range(7)]  # into the second shard
 
     own_store.stop()
-    restarted = threading.Event()
+    restarting = threading.Event()
 
     def restart_later():
         time.sleep(8.0)  # longer than s3fs's own retries, so the reader's must carry it
+        restarting.set()  # before start(): the reader may finish while start() still polls for readiness
         own_store.start(timeout_s=60)
-        restarted.set()
 
     thread = threading.Thread(target=restart_later, daemon=True)
     thread.start()
     got += [s["__key__"] for s in it]  # blocks in retries until the store is back
-    finished_after_restart = restarted.is_set()  # shards 3-6 exist only in the restarted store
+    finished_after_restart = restarting.is_set()  # shards 3-6 can only come from the restarted store
     thread.join(timeout=90)
 
     assert finished_after_restart
+    assert not thread.is_alive()  # the store came back within start()'s timeout
     assert got == keys  # each sample exactly once, in order
     stats = stream.stats()  # who retried (s3fs inside, or the reader) depends on timing; nothing may be lost
     assert stats["failed_shards"] == 0 and stats["padded_samples"] == 0
