@@ -1,7 +1,7 @@
 """Exact resume through the real parts (Ray cluster, S3 store, DeepSpeed, `ray job submit`).
 
 A: 8 steps uninterrupted. B: the same run with one Train worker SIGKILLed after step 3, once Ray
-Train has registered a checkpoint (step 2 or 4); Ray Train restarts the group from its last
+Train has registered a checkpoint (step 2, 4 or 6); Ray Train restarts the group from its last
 registered checkpoint. B must
 consume A's sample ids in A's order and end with A's adapter (fp32, max abs diff 1e-5), under
 ZeRO-2 and ZeRO-3.
