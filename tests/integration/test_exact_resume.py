@@ -83,7 +83,6 @@ def _registered_checkpoints(name: str) -> int:
         snapshot = json.loads(fs.cat_file(f"{root}/checkpoint_manager_snapshot.json"))
     except FileNotFoundError:
         return 0
-    snapshot = json.loads(snapshot) if isinstance(snapshot, str) else snapshot
     return len(snapshot.get("checkpoint_results", []))
 
 

@@ -114,8 +114,8 @@ def adaptation_markdown(r: dict[str, Any]) -> str:
     loss, kads = sm["heldout_loss"], sm["kad"]
     lora_name = f"base + LoRA ({s['preset']}, r {s['r']}, alpha {s['lora_alpha']:g})"
     refs = r.get("references")
-    guided = sm.get("kad_by_guidance") or {f"{s.get('guidance_scale', 3.0):g}": kads}
-    primary = next(iter(guided))
+    guided = sm["kad_by_guidance"]
+    primary = f"{s['guidance_scales'][0]:g}"
 
     def kad_cols(model: str) -> list[str]:
         return [_pm(guided[g][model]) for g in guided]
